@@ -1,0 +1,61 @@
+"""Parameter and FLOP accounting from shapes alone (nothing is allocated).
+
+Conventions (the paper's):
+* total parameters count everything, both embedding tables included
+  (input embedding and the untied LM head);
+* activated parameters per token count everything a token touches: all
+  non-expert weights, the router, the K_s shared experts and K' of the N'
+  routed experts of each MoE layer (embeddings included);
+* FLOPs per token follow DeepSeek LLM's M = 72 L d^2 + 12 L d l_seq, i.e.
+  6 x (activated non-embedding parameters) + 12 x layers x (heads x head_dim)
+  x seq_len, for a forward and backward pass; the vocabulary projection is
+  not counted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+from flax import nnx
+
+from dsmoe import config as config_lib
+from dsmoe.model import Transformer
+
+
+def abstract_model(config: ml_collections.ConfigDict) -> Transformer:
+  """The model with ShapeDtypeStruct leaves (jax.eval_shape, no allocation)."""
+  cfg = config_lib.resolve(config).model
+  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def _size(path_leaves) -> int:
+  return sum(math.prod(x.shape) for _, x in path_leaves)
+
+
+def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """{"total", "activated", "embedding"} parameter counts (see module docstring)."""
+  cfg = config_lib.resolve(config).model
+  state = nnx.state(abstract_model(config), nnx.Param)
+  leaves = list(jax.tree_util.tree_leaves_with_path(state))
+  total = _size(leaves)
+  routed_names = ("w_gate_edh", "w_up_edh", "w_down_ehd")
+  routed = _size([(p, x) for p, x in leaves
+                  if any(getattr(k, "key", None) in routed_names for k in p)])
+  embedding = _size([(p, x) for p, x in leaves
+                     if any(getattr(k, "key", None) in ("table_vd", "w_head_dv") for k in p)])
+  moe = cfg.moe
+  inactive = routed * (moe.num_routed_experts - moe.top_k) // moe.num_routed_experts
+  return {"total": total, "activated": total - inactive, "embedding": embedding}
+
+
+def flops_per_token(config: ml_collections.ConfigDict, seq_len: int | None = None) -> float:
+  """Training (forward + backward) FLOPs per token, DeepSeek LLM convention."""
+  cfg = config_lib.resolve(config)
+  counts = count_params(config)
+  seq_len = seq_len or cfg.data.seq_len
+  m = cfg.model
+  d_attn = m.num_heads * (m.head_dim or m.d_model // m.num_heads)
+  non_embedding = counts["activated"] - counts["embedding"]
+  return 6.0 * non_embedding + 12.0 * m.num_layers * d_attn * seq_len

@@ -1,0 +1,225 @@
+"""Config schema, the paper's fine-grained form, and validation.
+
+Every config file in `configs/` starts from :func:`base_config` and changes a
+few fields, so all configs share one schema and `lock_config=True` refuses
+unknown keys given on the command line.
+
+MoE sizes can be given in two ways:
+
+* explicitly: ``model.moe.num_routed_experts``, ``num_shared_experts``,
+  ``top_k`` (routed experts per token) and ``expert_hidden``;
+* in the paper's form (DeepSeekMoE section 3): ``model.moe.fine_grained``
+  with N coarse experts, segmentation factor m, K coarse experts per token,
+  K_s shared experts and the standard FFN hidden size. :func:`resolve`
+  derives ``mN - K_s`` routed experts, top-``(mK - K_s)`` and expert hidden
+  ``ffn_hidden / m``.
+
+:func:`validate` checks every rule before anything is traced and raises one
+``ValueError`` naming the key and the rule.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+IMPLS = ("dense", "dropless", "capacity", "auto")
+GMM_BACKENDS = ("ragged_dot", "blocked", "pallas")
+SCORE_FNS = ("softmax", "sigmoid")
+ROUTERS = ("topk", "hash")
+DROP_POLICIES = ("position", "score")
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("paper_step", "cosine", "constant")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with small, CPU-friendly defaults."""
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 512
+  m.d_model = 128
+  m.num_layers = 4
+  m.num_heads = 4
+  m.head_dim = 0  # 0: d_model // num_heads
+  m.dense_hidden = 512  # hidden size of the dense (non-MoE) FFN layers
+  m.first_k_dense_replace = 1  # the first k layers use a dense FFN
+  m.moe_layer_freq = 1  # after those, every moe_layer_freq-th layer is MoE
+  m.rope_theta = 10000.0
+  m.rms_norm_eps = 1e-6
+  m.init_std = 0.006  # paper: 0.006 for every size
+  m.dtype = "float32"  # compute dtype: "float32" or "bfloat16"
+  m.param_dtype = "float32"  # parameter (master weight) dtype
+
+  m.moe = e = ml_collections.ConfigDict()
+  e.router = "topk"  # "topk" (learned) or "hash" (Hash Layer baseline)
+  e.num_routed_experts = config_dict.placeholder(int)  # N' (None: derive)
+  e.num_shared_experts = config_dict.placeholder(int)  # K_s
+  e.top_k = config_dict.placeholder(int)  # K' routed experts per token
+  e.expert_hidden = config_dict.placeholder(int)  # hidden size of one expert
+  e.fine_grained = ml_collections.ConfigDict(
+      dict(N=0, m=1, K=0, K_s=0, ffn_hidden=0))  # paper form; N=0: unused
+  e.score_fn = "softmax"  # v1/v2: softmax; v3: sigmoid
+  e.norm_topk_prob = False  # v1: False (weights not renormalised)
+  e.routed_scaling_factor = 1.0
+  e.aux_loss_alpha = 0.01  # a1, expert-level balance
+  e.seq_aux = True  # expert balance computed per sequence (released 16B)
+  e.device_balance_alpha = 0.0  # a2, device-level balance
+  e.num_device_groups = 1  # D groups of consecutive routed experts
+  e.impl = "dropless"  # "dense" (reference), "dropless", "capacity", "auto"
+  e.gmm_backend = "ragged_dot"  # dropless grouped matmul backend
+  e.block_size = 64  # token block of the "blocked" backend
+  e.capacity_factor = 1.25  # capacity = factor * tokens * top_k / experts
+  e.eval_capacity_factor = 0.0  # 0: never drop at evaluation
+  e.drop_policy = "position"  # "position" or "score"
+
+  c.data = d = ml_collections.ConfigDict()
+  d.seq_len = 128
+  d.source = "bytes"  # byte-level text of local files (M1 default corpus)
+  d.text_dir = ""  # "" : the Python standard library source on this machine
+  d.max_files = 400
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 300
+  t.batch_size = 16
+  t.seed = 0
+  t.log_every = 10
+  t.checkpoint_every = 100
+  t.learning_rate = 1e-3  # peak
+  t.schedule = "paper_step"  # "paper_step", "cosine", "constant"
+  t.warmup_steps = 30
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.weight_decay = 0.1
+  t.grad_clip = 1.0
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, expert=1))
+  return c
+
+
+def fine_grained(N: int, m: int, K: int, K_s: int, ffn_hidden: int) -> dict:
+  """The paper's (N, m, K, K_s) form -> routed experts, top-k, expert hidden."""
+  return dict(num_routed_experts=m * N - K_s, num_shared_experts=K_s,
+              top_k=m * K - K_s, expert_hidden=ffn_hidden // m)
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Validates `config` and returns a copy with MoE sizes filled in."""
+  validate(config)
+  out = ml_collections.ConfigDict(config.to_dict())
+  moe = out.model.moe
+  fg = moe.fine_grained
+  if fg.N > 0:
+    for key, value in fine_grained(fg.N, fg.m, fg.K, fg.K_s, fg.ffn_hidden).items():
+      moe[key] = value
+  return out
+
+
+def _fail(key: str, rule: str, value) -> None:
+  raise ValueError(f"config.{key}={value!r} is invalid: {rule}")
+
+
+def _positive(cfg, prefix: str, keys) -> None:
+  for k in keys:
+    v = cfg[k]
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+      _fail(f"{prefix}.{k}", "must be a positive number", v)
+
+
+def _one_of(cfg, prefix: str, key: str, choices) -> None:
+  if cfg[key] not in choices:
+    _fail(f"{prefix}.{key}", f"must be one of {list(choices)}", cfg[key])
+
+
+def _validate_moe_sizes(e) -> tuple[int, int, int, int]:
+  fg = e.fine_grained
+  explicit = ("num_routed_experts", "num_shared_experts", "top_k", "expert_hidden")
+  if fg.N > 0:
+    for k in explicit:
+      if e[k] is not None:
+        _fail(f"model.moe.{k}", "set either model.moe.fine_grained (paper "
+              "form) or the explicit sizes, not both", e[k])
+    _positive(fg, "model.moe.fine_grained", ("N", "m", "K", "ffn_hidden"))
+    if fg.K_s < 0:
+      _fail("model.moe.fine_grained.K_s", "must be >= 0", fg.K_s)
+    if fg.ffn_hidden % fg.m:
+      _fail("model.moe.fine_grained.m", "the segmentation factor m must divide "
+            f"the FFN hidden size ffn_hidden={fg.ffn_hidden}", fg.m)
+    if fg.K_s >= fg.m * fg.N:
+      _fail("model.moe.fine_grained.K_s", "shared experts must be fewer than "
+            f"the m*N={fg.m * fg.N} total experts", fg.K_s)
+    if fg.m * fg.K - fg.K_s < 1:
+      _fail("model.moe.fine_grained.K", "m*K - K_s routed experts per token "
+            "must be >= 1", fg.K)
+    d = fine_grained(fg.N, fg.m, fg.K, fg.K_s, fg.ffn_hidden)
+    return d["num_routed_experts"], d["num_shared_experts"], d["top_k"], d["expert_hidden"]
+  for k in explicit:
+    if e[k] is None:
+      _fail(f"model.moe.{k}", "must be set (or give model.moe.fine_grained)", None)
+  _positive(e, "model.moe", ("num_routed_experts", "top_k", "expert_hidden"))
+  if e.num_shared_experts < 0:
+    _fail("model.moe.num_shared_experts", "must be >= 0", e.num_shared_experts)
+  if e.top_k > e.num_routed_experts:
+    _fail("model.moe.top_k", "must not exceed model.moe.num_routed_experts="
+          f"{e.num_routed_experts}", e.top_k)
+  return e.num_routed_experts, e.num_shared_experts, e.top_k, e.expert_hidden
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises one ValueError naming the first key that breaks a rule."""
+  m, e, d, t = config.model, config.model.moe, config.data, config.train
+  _positive(m, "model", ("vocab_size", "d_model", "num_layers", "num_heads",
+                         "dense_hidden", "moe_layer_freq", "rope_theta",
+                         "rms_norm_eps", "init_std"))
+  if m.d_model % m.num_heads:
+    _fail("model.d_model", f"must be divisible by model.num_heads={m.num_heads}", m.d_model)
+  if m.head_dim < 0 or (m.head_dim == 0 and (m.d_model // m.num_heads) % 2):
+    _fail("model.head_dim", "must be >= 0 and give an even head size for RoPE", m.head_dim)
+  if m.head_dim % 2:
+    _fail("model.head_dim", "must be even (RoPE rotates pairs)", m.head_dim)
+  if m.first_k_dense_replace < 0:
+    _fail("model.first_k_dense_replace", "must be >= 0", m.first_k_dense_replace)
+  _one_of(m, "model", "dtype", DTYPES)
+  _one_of(m, "model", "param_dtype", DTYPES)
+
+  n_routed, n_shared, top_k, _ = _validate_moe_sizes(e)
+  _one_of(e, "model.moe", "router", ROUTERS)
+  _one_of(e, "model.moe", "score_fn", SCORE_FNS)
+  _one_of(e, "model.moe", "impl", IMPLS)
+  _one_of(e, "model.moe", "gmm_backend", GMM_BACKENDS)
+  _one_of(e, "model.moe", "drop_policy", DROP_POLICIES)
+  if e.router == "hash" and top_k != 1:
+    _fail("model.moe.top_k", "the hash router picks exactly one expert (top_k=1)", top_k)
+  if e.gmm_backend == "pallas":
+    _fail("model.moe.gmm_backend", "the Pallas grouped matmul is not built yet "
+          "(milestone M3); use 'blocked' or 'ragged_dot'", e.gmm_backend)
+  for k in ("aux_loss_alpha", "device_balance_alpha"):
+    if e[k] < 0:
+      _fail(f"model.moe.{k}", "balance-loss weights must be >= 0", e[k])
+  _positive(e, "model.moe", ("num_device_groups", "routed_scaling_factor",
+                             "capacity_factor", "block_size"))
+  if e.eval_capacity_factor < 0:
+    _fail("model.moe.eval_capacity_factor", "must be >= 0 (0: no dropping)", e.eval_capacity_factor)
+  if n_routed % e.num_device_groups:
+    _fail("model.moe.num_device_groups", "must divide the number of routed "
+          f"experts ({n_routed})", e.num_device_groups)
+  del n_shared
+
+  if not isinstance(d.seq_len, int) or d.seq_len < 1:
+    _fail("data.seq_len", "must be an integer >= 1", d.seq_len)
+  _positive(t, "train", ("steps", "batch_size", "log_every", "checkpoint_every",
+                         "learning_rate", "grad_clip"))
+  if t.warmup_steps < 0:
+    _fail("train.warmup_steps", "must be >= 0", t.warmup_steps)
+  if t.weight_decay < 0:
+    _fail("train.weight_decay", "must be >= 0", t.weight_decay)
+  _one_of(t, "train", "schedule", SCHEDULES)
+
+  _positive(config.mesh, "mesh", ("data", "expert"))
+  if n_routed % config.mesh.expert:
+    _fail("mesh.expert", f"must divide the number of routed experts ({n_routed})",
+          config.mesh.expert)
+  devices = config.mesh.data * config.mesh.expert
+  if t.batch_size % devices:
+    _fail("train.batch_size", f"must be divisible by the mesh size "
+          f"mesh.data*mesh.expert={devices}", t.batch_size)

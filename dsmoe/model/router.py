@@ -1,0 +1,60 @@
+"""Router: scores (float32) -> top-k -> gate weights; and the Hash-layer router."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsmoe.model.layers import normal_init
+
+
+class Routing(NamedTuple):
+  idx_btk: jax.Array  # int32 chosen routed experts
+  weight_btk: jax.Array  # float32 gate weights g_{i,t} of the chosen experts
+  scores_bte: jax.Array | None  # float32 s_{i,t}; None for the hash router
+
+
+def gates(scores_bte: jax.Array, top_k: int, *, norm_topk_prob: bool,
+          routed_scaling_factor: float) -> tuple[jax.Array, jax.Array]:
+  """Top-k of the scores; optional renormalisation, then scaling."""
+  weight_btk, idx_btk = jax.lax.top_k(scores_bte, top_k)
+  if norm_topk_prob:
+    weight_btk = weight_btk / (jnp.sum(weight_btk, axis=-1, keepdims=True) + 1e-20)
+  return idx_btk.astype(jnp.int32), weight_btk * routed_scaling_factor
+
+
+class Router(nnx.Module):
+  """s_{i,t} = softmax_i(u_t . e_i) (or sigmoid) over the routed experts only."""
+
+  def __init__(self, d_model: int, num_experts: int, *, top_k: int, score_fn: str,
+               norm_topk_prob: bool, routed_scaling_factor: float, init_std: float,
+               param_dtype, rngs: nnx.Rngs):
+    self.top_k, self.score_fn = top_k, score_fn
+    self.norm_topk_prob, self.scaling = norm_topk_prob, routed_scaling_factor
+    self.w_de = nnx.Param(normal_init(init_std)(rngs.params(), (d_model, num_experts), param_dtype))
+
+  def __call__(self, x_btd: jax.Array) -> Routing:
+    logits_bte = jnp.einsum("btd,de->bte", x_btd.astype(jnp.float32),
+                            self.w_de[...].astype(jnp.float32))  # [B,T,E] f32
+    if self.score_fn == "softmax":
+      scores = jax.nn.softmax(logits_bte, axis=-1)
+    else:
+      scores = jax.nn.sigmoid(logits_bte)
+    idx, weight = gates(scores, self.top_k, norm_topk_prob=self.norm_topk_prob,
+                        routed_scaling_factor=self.scaling)
+    return Routing(idx, weight, scores)
+
+
+def hash_expert(tokens_bt: jax.Array, num_experts: int) -> jax.Array:
+  """Hash Layer (Roller et al. 2021): a fixed hash of the token id picks the expert."""
+  h = tokens_bt.astype(jnp.uint32) * jnp.uint32(2654435761)  # Knuth multiplicative
+  h = h ^ (h >> 16)
+  return (h % jnp.uint32(num_experts)).astype(jnp.int32)
+
+
+def hash_routing(tokens_bt: jax.Array, num_experts: int) -> Routing:
+  idx = hash_expert(tokens_bt, num_experts)[..., None]
+  return Routing(idx, jnp.ones(idx.shape, jnp.float32), None)
