@@ -205,8 +205,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"experts ({n_routed})", e.num_device_groups)
   del n_shared
 
-  if not isinstance(d.seq_len, int) or d.seq_len < 1:
-    _fail("data.seq_len", "must be an integer >= 1", d.seq_len)
+  validate_data(d)
   _positive(t, "train", ("steps", "batch_size", "log_every", "checkpoint_every",
                          "learning_rate", "grad_clip"))
   if t.warmup_steps < 0:
@@ -223,3 +222,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if t.batch_size % devices:
     _fail("train.batch_size", f"must be divisible by the mesh size "
           f"mesh.data*mesh.expert={devices}", t.batch_size)
+
+
+def validate_data(d: ml_collections.ConfigDict) -> None:
+  """Rules of the `config.data` block (owned by dsmoe.data)."""
+  if not isinstance(d.seq_len, int) or d.seq_len < 1:
+    _fail("data.seq_len", "must be an integer >= 1", d.seq_len)
