@@ -1,0 +1,41 @@
+"""Parameter counts of the paper configs (PAPER.md section 3) and FLOPs."""
+
+import pytest
+
+import dsmoe
+from tests.conftest import load_config
+
+
+@pytest.mark.parametrize("name,total,activated,tol", [
+    ("paper_16b", 16.4e9, 2.8e9, 0.03),
+    ("paper_145b", 144.6e9, 22.2e9, 0.03),
+])
+def test_paper_param_counts(name, total, activated, tol):
+  counts = dsmoe.count_params(load_config(name))
+  assert counts["total"] == pytest.approx(total, rel=tol)
+  assert counts["activated"] == pytest.approx(activated, rel=tol)
+
+
+def test_paper_2b_counts_to_one_digit():
+  counts = dsmoe.count_params(load_config("paper_2b"))
+  assert round(counts["total"] / 1e9, 1) == 2.0
+  assert round(counts["activated"] / 1e9, 1) == 0.3
+
+
+def test_tiny_counts_by_hand():
+  c = load_config("tiny")
+  d, v, layers, dense_h = 128, c.model.vocab_size, 4, 512
+  attn = 4 * d * d
+  norms = 2 * d
+  dense_layer = attn + 3 * d * dense_h + norms
+  e, s, k, h = 30, 2, 6, 64
+  moe_layer = attn + norms + d * e + 3 * d * (s * h) + e * 3 * d * h
+  total = 2 * v * d + d + dense_layer + 3 * moe_layer
+  activated = total - 3 * (e - k) * 3 * d * h
+  assert dsmoe.count_params(c) == {"total": total, "activated": activated, "embedding": 2 * v * d}
+
+
+def test_flops_of_2b_match_paper_table():
+  # Table 1: DeepSeekMoE 2B costs 4.3T FLOPs per 2K tokens.
+  c = load_config("paper_2b")
+  assert dsmoe.flops_per_token(c) * 2048 == pytest.approx(4.3e12, rel=0.03)

@@ -1,0 +1,94 @@
+"""Each impossible config raises one ValueError naming the key and the rule."""
+
+import pytest
+from ml_collections import config_flags  # noqa: F401  (import check)
+
+import dsmoe
+from tests.conftest import load_config
+
+CASES = [
+    # (description, mutation, expected substring of the error)
+    ("top-k > routed", lambda c: _explicit(c, top_k=40, num_routed_experts=30),
+     "config.model.moe.top_k=40"),
+    ("shared not fewer than total",
+     lambda c: c.model.moe.fine_grained.update(dict(N=2, m=2, K=1, K_s=4)),
+     "config.model.moe.fine_grained.K_s=4"),
+    ("m does not divide hidden", lambda c: c.model.moe.fine_grained.update(dict(m=3)),
+     "config.model.moe.fine_grained.m=3"),
+    ("non-positive d_model", lambda c: setattr(c.model, "d_model", 0), "config.model.d_model=0"),
+    ("non-positive layers", lambda c: setattr(c.model, "num_layers", -1), "config.model.num_layers=-1"),
+    ("non-positive expert hidden", lambda c: _explicit(c, expert_hidden=0),
+     "config.model.moe.expert_hidden=0"),
+    ("unknown dispatch", lambda c: setattr(c.model.moe, "impl", "magic"), "config.model.moe.impl='magic'"),
+    ("unknown score fn", lambda c: setattr(c.model.moe, "score_fn", "relu"),
+     "config.model.moe.score_fn='relu'"),
+    ("d_model not divisible by heads", lambda c: setattr(c.model, "num_heads", 3),
+     "config.model.d_model=128"),
+    ("mesh does not divide experts", lambda c: setattr(c.mesh, "expert", 7), "config.mesh.expert=7"),
+    ("mesh does not divide batch", lambda c: c.mesh.update(dict(data=3)), "config.train.batch_size=16"),
+    ("negative a1", lambda c: setattr(c.model.moe, "aux_loss_alpha", -0.1),
+     "config.model.moe.aux_loss_alpha=-0.1"),
+    ("negative a2", lambda c: setattr(c.model.moe, "device_balance_alpha", -1.0),
+     "config.model.moe.device_balance_alpha=-1.0"),
+    ("seq_len < 1", lambda c: setattr(c.data, "seq_len", 0), "config.data.seq_len=0"),
+    ("both size forms", lambda c: setattr(c.model.moe, "num_routed_experts", 32),
+     "config.model.moe.num_routed_experts=32"),
+    ("device groups do not divide experts", lambda c: setattr(c.model.moe, "num_device_groups", 4),
+     "config.model.moe.num_device_groups=4"),
+    ("hash router with top-k > 1", lambda c: setattr(c.model.moe, "router", "hash"),
+     "config.model.moe.top_k=6"),
+    ("pallas before M3", lambda c: setattr(c.model.moe, "gmm_backend", "pallas"),
+     "config.model.moe.gmm_backend='pallas'"),
+]
+
+
+def _explicit(c, **kw):
+  fg = c.model.moe.fine_grained
+  sizes = dsmoe.config.fine_grained(fg.N, fg.m, fg.K, fg.K_s, fg.ffn_hidden)
+  fg.N = 0
+  sizes.update(kw)
+  c.model.moe.update(sizes)
+
+
+@pytest.mark.parametrize("name,mutate,expected", CASES, ids=[c[0] for c in CASES])
+def test_invalid_config_raises_clear_error(name, mutate, expected):
+  c = load_config("tiny")
+  mutate(c)
+  with pytest.raises(ValueError) as err:
+    dsmoe.validate(c)
+  assert expected in str(err.value), (name, str(err.value))
+
+
+@pytest.mark.parametrize("name", ["tiny", "paper_2b", "paper_16b", "paper_145b"])
+def test_shipped_configs_are_valid(name):
+  dsmoe.validate(load_config(name))
+
+
+def test_lock_config_refuses_unknown_keys():
+  c = load_config("tiny")
+  c.lock()
+  with pytest.raises(AttributeError):
+    c.model.moe.num_routed_expertz = 3
+
+
+def test_fine_grained_form_is_derived():
+  c = load_config("paper_2b")
+  moe = dsmoe.resolve(c).model.moe
+  assert (moe.num_routed_experts, moe.num_shared_experts, moe.top_k, moe.expert_hidden) == (63, 1, 7, 880)
+
+
+def test_ablation_variants_keep_expert_parameters_equal():
+  sizes = {}
+  for v in ["hash", "switch", "gshard", "shared", "m2", "deepseekmoe"]:
+    c = load_config("ablation", v)
+    dsmoe.validate(c)
+    moe = dsmoe.resolve(c).model.moe
+    sizes[v] = (moe.num_routed_experts + moe.num_shared_experts) * moe.expert_hidden
+  assert len(set(sizes.values())) == 1, sizes  # 16 standard FFNs each
+  dense = dsmoe.count_params(load_config("ablation", "dense"))
+  assert dense["total"] == dense["activated"]
+
+
+def test_ablation_unknown_variant():
+  with pytest.raises(ValueError, match="unknown variant 'foo'"):
+    load_config("ablation", "foo")
