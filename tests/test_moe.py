@@ -55,6 +55,9 @@ def test_moe_matches_numpy_formula(impl):
   y, aux, stats = block(x, jnp.zeros((2, 5), jnp.int32))
   np.testing.assert_allclose(y, np_moe(block, x), rtol=1e-4, atol=1e-5)
   assert float(stats["tokens_per_expert"].sum()) == 2 * 5 * 2
+  load = np.bincount(np.asarray(block.route(x, None).idx_btk).ravel(), minlength=6)
+  np.testing.assert_array_equal(stats["tokens_per_expert"], load)
+  assert float(stats["max_over_mean_load"]) == pytest.approx(load.max() / load.mean())
   assert set(aux) == {"expert_balance"}
 
 

@@ -80,9 +80,10 @@ class MoE(nnx.Module):
     y_btd = routed.y_td.reshape(b, t, d)
     if self.shared is not None:
       y_btd = y_btd + self.shared(x_btd)
+    load_e = losses.expert_counts(routing.idx_btk, self.moe.num_routed_experts).sum(axis=0)
     stats = {
-        "tokens_per_expert": losses.expert_counts(
-            routing.idx_btk, self.moe.num_routed_experts).sum(axis=0),  # [E]
+        "tokens_per_expert": load_e,  # [E] (token, slot) picks per expert
+        "max_over_mean_load": jnp.max(load_e) / jnp.mean(load_e),  # 1.0 = balanced
         "dropped_fraction": routed.dropped_fraction,
     }
     return y_btd, self.aux_losses(routing), stats

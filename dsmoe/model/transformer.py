@@ -48,7 +48,8 @@ class Transformer(nnx.Module):
 
   `__call__` returns (logits [B,T,V], aux) where aux has
     "losses": {name: sum over MoE layers of the weighted auxiliary loss},
-    "moe": {"tokens_per_expert": [L_moe, E], "dropped_fraction": [L_moe]}.
+    "moe": {"tokens_per_expert": [L_moe, E], "max_over_mean_load": [L_moe],
+            "dropped_fraction": [L_moe]}.
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
