@@ -1,12 +1,17 @@
-"""Dropless dispatch: sort (token, slot) pairs by expert, grouped matmul, unsort.
+"""Dropless dispatch: sort (token, slot) pairs by expert, grouped SwiGLU, unsort.
 
 Steps:
-  1. flatten the T*K assignments and sort them by expert (stable);
-  2. gather the token rows in that order: x_sd [S=T*K, D];
-  3. grouped SwiGLU: rows of group e use expert e's weights;
-  4. scale each row by its gate and scatter-add back to its token.
+  1. layout: the T*K pairs sorted by expert (stable); for the "blocked"
+     backend each expert's rows are padded to a multiple of `moe.block_size`;
+  2. permute: gather the token rows into that order, x_pd [P, D];
+  3. grouped SwiGLU: rows of expert e use expert e's weights
+     ("blocked": a loop over single-expert blocks; "ragged_dot": lax.ragged_dot);
+  4. unpermute: gather each pair's row back, y_tkd [T, K, D];
+  5. combine: y_td = sum_k weight_tk * y_tkd.
 
-No token is ever dropped and every shape is static.
+No token is ever dropped and every shape is static. Steps 2 and 4 have
+gather-only backwards (see permute.py); step 3's "blocked" backward is a
+hand-written loop (see gmm_blocked.py).
 """
 
 from __future__ import annotations
@@ -14,38 +19,56 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dsmoe.dispatch import layout as layout_lib
 from dsmoe.dispatch.common import DispatchResult, ExpertWeights, no_drops
+from dsmoe.dispatch.gmm_blocked import blocked_swiglu
+from dsmoe.dispatch.permute import combine, permute, unpermute
+
+BACKENDS = ("ragged_dot", "blocked")
 
 
-def sort_by_expert(idx_tk: jax.Array, num_experts: int):
-  """Returns (order_s, token_s, group_sizes_e) for the flattened assignments."""
-  t, k = idx_tk.shape
-  flat_s = idx_tk.reshape(-1)  # [S]
-  order_s = jnp.argsort(flat_s, stable=True)  # [S] sorted position -> flat pair
-  token_s = order_s // k  # [S] token of each sorted row
-  group_sizes_e = jnp.bincount(flat_s, length=num_experts).astype(jnp.int32)  # [E]
-  return order_s, token_s, group_sizes_e
+def auto_backend(platform: str | None = None) -> str:
+  """The fastest grouped-matmul backend in XLA on `platform` (default: current).
+
+  TPU lowers lax.ragged_dot to a native grouped matmul; CPU (and GPU without
+  a tuned kernel) densify it, so elsewhere the blocked loop wins.
+  """
+  platform = platform or jax.default_backend()
+  return "ragged_dot" if platform == "tpu" else "blocked"
+
+
+def cast(experts: ExpertWeights, dtype) -> ExpertWeights:
+  return ExpertWeights(*(w.astype(dtype) for w in experts))
 
 
 def ragged_swiglu(x_sd, group_sizes_e, experts: ExpertWeights):
   """SwiGLU where consecutive row groups use consecutive experts (lax.ragged_dot)."""
-  dtype = x_sd.dtype
-  g = jax.lax.ragged_dot(x_sd, experts.w_gate_edh.astype(dtype), group_sizes_e)  # [S,H]
-  u = jax.lax.ragged_dot(x_sd, experts.w_up_edh.astype(dtype), group_sizes_e)  # [S,H]
-  return jax.lax.ragged_dot(jax.nn.silu(g) * u, experts.w_down_ehd.astype(dtype),
-                            group_sizes_e)  # [S,D]
+  g = jax.lax.ragged_dot(x_sd, experts.w_gate_edh, group_sizes_e)  # [S,H]
+  u = jax.lax.ragged_dot(x_sd, experts.w_up_edh, group_sizes_e)  # [S,H]
+  return jax.lax.ragged_dot(jax.nn.silu(g) * u, experts.w_down_ehd, group_sizes_e)  # [S,D]
+
+
+def dispatch_with(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, backend: str,
+                  block_size: int) -> DispatchResult:
+  """The dropless path with an explicit grouped-matmul backend."""
+  if backend not in BACKENDS:
+    raise ValueError(f"config.model.moe.gmm_backend={backend!r} is not available "
+                     f"in XLA; use one of {list(BACKENDS)}")
+  num_experts = experts.w_gate_edh.shape[0]
+  w = cast(experts, x_td.dtype)
+  block = block_size if backend == "blocked" else 1
+  lay = layout_lib.blocked_layout(idx_tk, num_experts, block)
+  x_pd = permute(x_td, lay.token_p, lay.row_tk, False)  # [P,D]
+  if backend == "blocked":
+    y_pd = blocked_swiglu(x_pd, w, lay.block_expert_b, lay.num_blocks)  # [P,D]
+  else:
+    sizes_e = jnp.bincount(idx_tk.reshape(-1), length=num_experts).astype(jnp.int32)
+    y_pd = ragged_swiglu(x_pd, sizes_e, w)  # [P,D]
+  y_tkd = unpermute(y_pd, lay.row_tk, lay.pair_p, False)  # [T,K,D]
+  return DispatchResult(combine(y_tkd, weight_tk), no_drops())
 
 
 def dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, moe, train) -> DispatchResult:
   del train
-  if moe.gmm_backend != "ragged_dot":
-    raise ValueError(f"config.model.moe.gmm_backend={moe.gmm_backend!r} is not "
-                     "available; use 'ragged_dot'")
-  t, _ = x_td.shape
-  order_s, token_s, group_sizes_e = sort_by_expert(idx_tk, experts.w_gate_edh.shape[0])
-  x_sd = jnp.take(x_td, token_s, axis=0)  # [S,D]
-  y_sd = ragged_swiglu(x_sd, group_sizes_e, experts)  # [S,D]
-  w_s = jnp.take(weight_tk.reshape(-1), order_s)  # [S]
-  y_sd = y_sd.astype(jnp.float32) * w_s[:, None]
-  y_td = jax.ops.segment_sum(y_sd, token_s, num_segments=t)  # [T,D]
-  return DispatchResult(y_td.astype(x_td.dtype), no_drops())
+  return dispatch_with(x_td, idx_tk, weight_tk, experts, backend=moe.gmm_backend,
+                       block_size=moe.block_size)

@@ -1,0 +1,121 @@
+"""Where each (token, slot) pair lives in an expert-sorted row buffer.
+
+Every fast dispatch moves token rows into a buffer x_pd [P, D] whose rows are
+grouped by expert, runs the experts on that buffer, and brings the rows back.
+A `Layout` holds the integer maps between the two orders (no gradients):
+
+  row_tk     [T, K] buffer row of each pair; P (out of range) if dropped
+  token_p    [P]    token of each buffer row (0 for padding: harmless, never read back)
+  pair_p     [P]    flat pair index s = t*K + k of each row; S = T*K for padding
+  block_expert_b [NB]  expert of each block of `block` rows (blocked layout only)
+  num_blocks     []    blocks that hold at least one pair (blocked layout only)
+  dropped        []    number of dropped pairs (float32)
+
+Two layouts:
+  * `blocked_layout`: sorted by expert, each expert's rows padded to a multiple
+    of `block`, so every block of `block` rows belongs to one expert (dropless;
+    block=1 gives the plain sorted order of ragged_dot);
+  * `capacity_layout`: E fixed buffers of C rows ([E, C, D] flattened); a pair
+    takes row e*C + its rank among the pairs of expert e, if that rank < C.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Layout(NamedTuple):
+  row_tk: jax.Array
+  token_p: jax.Array
+  pair_p: jax.Array
+  block_expert_b: jax.Array | None
+  num_blocks: jax.Array | None
+  dropped: jax.Array
+
+
+def num_blocks_bound(num_pairs: int, num_experts: int, block: int) -> int:
+  """Static number of blocks that always suffices: sum_e ceil(n_e / block)."""
+  return max(1, math.ceil((num_pairs + num_experts * (block - 1)) / block))
+
+
+def _rows_to_pairs(row_s: jax.Array, num_rows: int, k: int):
+  """Inverse map of the pair -> row map: (token_p, pair_p); rows unused get S."""
+  s = row_s.shape[0]
+  pair_p = jnp.full((num_rows,), s, jnp.int32).at[row_s].set(
+      jnp.arange(s, dtype=jnp.int32), mode="drop", unique_indices=True)  # [P]
+  token_p = jnp.where(pair_p < s, pair_p // k, 0)  # [P]
+  return token_p, pair_p
+
+
+def _rank_in_expert(expert_s: jax.Array, order_s: jax.Array, num_experts: int):
+  """Rank of each pair among its expert's pairs, in the priority `order_s`."""
+  s = expert_s.shape[0]
+  sizes_e = jnp.bincount(expert_s, length=num_experts).astype(jnp.int32)  # [E]
+  start_e = jnp.cumsum(sizes_e) - sizes_e  # [E] first sorted position of e
+  sorted_expert = expert_s[order_s]  # [S]
+  rank_sorted = jnp.arange(s, dtype=jnp.int32) - start_e[sorted_expert]  # [S]
+  rank_s = jnp.zeros((s,), jnp.int32).at[order_s].set(rank_sorted, unique_indices=True)
+  return rank_s, sizes_e
+
+
+def blocked_layout(idx_tk: jax.Array, num_experts: int, block: int) -> Layout:
+  """Dropless layout; each expert's rows start on a block boundary.
+
+  Steps: 1. rank of each pair within its expert (stable sort by expert);
+  2. padded sizes ceil(n_e / block) * block and their offsets;
+  3. row = padded offset of the expert + rank; 4. inverse maps; 5. the
+  expert of each block (blocks past the last used one get expert E-1).
+  """
+  t, k = idx_tk.shape
+  expert_s = idx_tk.reshape(-1).astype(jnp.int32)  # [S]
+  order_s = jnp.argsort(expert_s, stable=True)
+  rank_s, sizes_e = _rank_in_expert(expert_s, order_s, num_experts)
+  blocks_e = (sizes_e + block - 1) // block  # [E]
+  block_end_e = jnp.cumsum(blocks_e)  # [E]
+  row_s = (block_end_e - blocks_e)[expert_s] * block + rank_s  # [S]
+  nb = num_blocks_bound(t * k, num_experts, block)
+  token_p, pair_p = _rows_to_pairs(row_s, nb * block, k)
+  block_expert_b = jnp.searchsorted(block_end_e, jnp.arange(nb), side="right")
+  block_expert_b = jnp.minimum(block_expert_b, num_experts - 1).astype(jnp.int32)  # [NB]
+  return Layout(row_s.reshape(t, k), token_p, pair_p, block_expert_b,
+                block_end_e[-1], jnp.zeros((), jnp.float32))
+
+
+def priority_order(expert_s: jax.Array, weight_s: jax.Array, policy: str) -> jax.Array:
+  """Pairs sorted by expert, then by priority: flat position, or gate weight."""
+  if policy == "position":
+    return jnp.argsort(expert_s, stable=True)
+  if policy == "score":
+    by_weight = jnp.argsort(-weight_s, stable=True)  # highest gate first
+    return by_weight[jnp.argsort(expert_s[by_weight], stable=True)]
+  raise ValueError(f"config.model.moe.drop_policy={policy!r}: expected "
+                   "'position' or 'score'")
+
+
+def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
+  """C = ceil(factor * T * K / E), at least 1 and at most T * K."""
+  c = math.ceil(factor * num_tokens * top_k / num_experts)
+  return int(min(max(c, 1), num_tokens * top_k))
+
+
+def capacity_layout(idx_tk: jax.Array, weight_tk: jax.Array, num_experts: int,
+                    cap: int, policy: str) -> Layout:
+  """Capacity layout: pair -> row e*C + rank if rank < C, else dropped.
+
+  Steps: 1. priority order within each expert (`policy`); 2. rank of each
+  pair in it; 3. keep rank < C; 4. inverse maps over the E*C rows.
+  """
+  t, k = idx_tk.shape
+  expert_s = idx_tk.reshape(-1).astype(jnp.int32)  # [S]
+  order_s = priority_order(expert_s, weight_tk.reshape(-1), policy)
+  rank_s, _ = _rank_in_expert(expert_s, order_s, num_experts)
+  kept_s = rank_s < cap
+  num_rows = num_experts * cap
+  row_s = jnp.where(kept_s, expert_s * cap + rank_s, num_rows)  # [S]
+  token_p, pair_p = _rows_to_pairs(row_s, num_rows, k)
+  dropped = jnp.sum(~kept_s).astype(jnp.float32)
+  return Layout(row_s.reshape(t, k), token_p, pair_p, None, None, dropped)
