@@ -92,6 +92,12 @@ def base_config() -> ml_collections.ConfigDict:
   t.b2 = 0.95
   t.weight_decay = 0.1
   t.grad_clip = 1.0
+  t.grad_accum_steps = 1  # micro-batches per update (batch_size is the total)
+  t.keep_checkpoints = 3  # keep the last K checkpoints in workdir
+  t.skip_nonfinite = False  # True: skip non-finite updates (counted); False: stop
+  t.peak_flops = 0.0  # peak FLOP/s per device for MFU; 0: measure a matmul
+  t.eval_every = 0  # evaluate every N steps (0: only at the end)
+  t.eval_batches = 4  # validation batches per evaluation
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, expert=1))
   return c
@@ -213,6 +219,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if t.weight_decay < 0:
     _fail("train.weight_decay", "must be >= 0", t.weight_decay)
   _one_of(t, "train", "schedule", SCHEDULES)
+  _positive(t, "train", ("grad_accum_steps", "keep_checkpoints", "eval_batches"))
+  for k in ("peak_flops", "eval_every"):
+    if t[k] < 0:
+      _fail(f"train.{k}", "must be >= 0", t[k])
+  if t.batch_size % t.grad_accum_steps:
+    _fail("train.grad_accum_steps", "must divide train.batch_size="
+          f"{t.batch_size}", t.grad_accum_steps)
 
   _positive(config.mesh, "mesh", ("data", "expert"))
   if n_routed % config.mesh.expert:

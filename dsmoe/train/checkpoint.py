@@ -1,0 +1,135 @@
+"""Orbax checkpoints of the training state and the data-iterator state.
+
+Layout: ``<workdir>/checkpoints/<step>/{state,data}``. "state" is the train
+state pytree (dsmoe.train.step), "data" a JSON list with one data-iterator
+state per process. Saves are asynchronous; Orbax writes each checkpoint to a
+temporary directory and renames it when complete, and deletes an old one
+only after a newer one is complete, so the workdir always keeps its last
+good checkpoint. Restores check every array's shape and dtype against the
+config first and raise one :class:`CheckpointError` naming the checkpoint
+and the mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, unreadable or does not match the config."""
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in path)
+
+
+def _flat(tree) -> dict[str, object]:
+  return {_path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def describe_mismatch(saved_tree, expected_tree) -> str | None:
+  """First differences (missing/extra keys, shape, dtype) or None if compatible."""
+  saved, expected = _flat(saved_tree), _flat(expected_tree)
+  problems = [f"{k}: missing from the checkpoint" for k in expected if k not in saved]
+  problems += [f"{k}: in the checkpoint but not in the config's model" for k in saved
+               if k not in expected]
+  for k, want in expected.items():
+    got = saved.get(k)
+    if got is None or not hasattr(got, "shape"):
+      continue
+    if tuple(got.shape) != tuple(want.shape):
+      problems.append(f"{k}: checkpoint shape {tuple(got.shape)} != config shape "
+                      f"{tuple(want.shape)}")
+    elif getattr(got, "dtype", None) is not None and np.dtype(got.dtype) != np.dtype(want.dtype):
+      problems.append(f"{k}: checkpoint dtype {got.dtype} != config dtype {want.dtype}")
+  if not problems:
+    return None
+  more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+  return "; ".join(problems[:5]) + more
+
+
+def _gather_json(obj) -> list:
+  """The JSON-able `obj` of every process, in process order (on every process)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  n = multihost_utils.process_allgather(np.array([raw.size], np.int32))
+  buf = np.zeros(int(np.max(n)), np.uint8)
+  buf[:raw.size] = raw
+  allb = multihost_utils.process_allgather(buf)
+  return [json.loads(bytes(allb[i, :int(n[i][0])]).decode()) for i in range(len(n))]
+
+
+class Checkpoints:
+  """Save / restore / list checkpoints under ``<workdir>/checkpoints``."""
+
+  def __init__(self, workdir: str, keep: int = 3, *, read_only: bool = False):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=True, cleanup_tmp_directories=not read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data"))
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_state) -> None:
+    """Starts an asynchronous save of `state` and every process's data state."""
+    data = _gather_json(data_state)
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+  def restore(self, abstract_state, step: int | None = None):
+    """(state, this process's data state) of `step` (default: latest).
+
+    Raises CheckpointError when the checkpoint is missing, unreadable or its
+    arrays do not match `abstract_state` (from the config).
+    """
+    step = self.latest_step() if step is None else step
+    where = self.path(step) if step is not None else self.directory
+    if step is None or step not in self.all_steps():
+      raise CheckpointError(f"checkpoint {where} does not exist (available steps: "
+                            f"{self.all_steps()})")
+    try:
+      saved = self.manager.item_metadata(step)["state"]
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata is one error
+      raise CheckpointError(f"checkpoint {where} is unreadable (truncated or "
+                            f"corrupt?): {type(e).__name__}: {e}") from e
+    mismatch = describe_mismatch(getattr(saved, "tree", saved), abstract_state)
+    if mismatch:
+      raise CheckpointError(f"checkpoint {where} does not match the config: {mismatch}")
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint {where} cannot be restored (truncated or "
+                            f"corrupt?): {type(e).__name__}: {e}") from e
+    return out["state"], _data_for_this_process(out["data"], where)
+
+
+def _data_for_this_process(data, where: str):
+  if not isinstance(data, list) or len(data) != jax.process_count():
+    n = len(data) if isinstance(data, list) else "?"
+    raise CheckpointError(f"checkpoint {where} holds data-iterator states of {n} "
+                          f"processes; this run has {jax.process_count()}")
+  return data[jax.process_index()]

@@ -1,0 +1,207 @@
+"""train_and_evaluate(config, workdir): one training run, top to bottom.
+
+1. resolve + validate the config (before anything is traced);
+2. build the mesh (one 'data' axis over all devices), the optimizer, the data
+   iterator, and either restore the latest checkpoint of `workdir` (model,
+   optimizer, step, RNG, data-iterator state) or initialise;
+3. loop: global batch -> jitted train_step (donated state) -> non-finite
+   check -> metrics (jsonl, TensorBoard, tqdm) -> checkpoint every
+   `train.checkpoint_every` steps; SIGTERM/SIGINT finish the step, save, return;
+4. save the final checkpoint, evaluate, plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from dsmoe import accounting
+from dsmoe import config as config_lib
+from dsmoe.data import make_loader
+from dsmoe.train import checkpoint as checkpoint_lib
+from dsmoe.train import metrics as metrics_lib
+from dsmoe.train import optimizer as optimizer_lib
+from dsmoe.train import step as step_lib
+from dsmoe.train.signals import StopOnSignal
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or gradient became NaN/inf (and train.skip_nonfinite is off)."""
+
+
+@dataclasses.dataclass
+class Run:
+  """What the loop needs besides the state and the data iterator."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: Mesh
+  graphdef: object
+  tx: object
+  ckpts: checkpoint_lib.Checkpoints
+  writer: metrics_lib.MetricWriter
+  flops_per_token: float
+
+  @property
+  def main(self) -> bool:
+    return jax.process_index() == 0
+
+
+def make_mesh() -> Mesh:
+  """One 'data' axis over every device of every process; state replicated."""
+  return Mesh(np.array(jax.devices()), ("data",))
+
+
+def global_batch(batch: dict, mesh: Mesh) -> dict:
+  """This process's numpy rows -> global jax.Arrays sharded on 'data'."""
+  sharding = NamedSharding(mesh, P("data"))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def _check_batch(config, mesh: Mesh) -> None:
+  t = config.train
+  per_device = t.batch_size // t.grad_accum_steps
+  if t.batch_size % mesh.size or per_device % mesh.size:
+    raise ValueError(f"config.train.batch_size={t.batch_size} is invalid: with "
+                     f"train.grad_accum_steps={t.grad_accum_steps}, each micro-batch "
+                     f"({per_device}) must split over the {mesh.size} devices")
+
+
+def init_or_restore(config, tx, ckpts, mesh, data_iter, step: int | None = None):
+  """(graphdef, state): the checkpoint of `step` (default latest) or a fresh init."""
+  graphdef, shapes = step_lib.abstract_state(config, tx)
+  replicated = NamedSharding(mesh, P())
+  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                        shapes)
+  if step is not None or ckpts.latest_step() is not None:
+    state, data_state = ckpts.restore(shapes, step)
+    if data_iter is not None:
+      data_iter.set_state(data_state)
+    return graphdef, state
+  init = jax.jit(lambda: step_lib.init_state(config, tx)[1], out_shardings=replicated)
+  return graphdef, init()
+
+
+def _nonfinite(run: Run, step: int, m: dict) -> NonFiniteError:
+  run.ckpts.wait()
+  last = run.ckpts.latest_step()
+  where = run.ckpts.path(last) if last is not None else "none (no checkpoint yet)"
+  return NonFiniteError(
+      f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
+      f"grad_norm={float(m['grad_norm'])}); stopping without saving. Last good "
+      f"checkpoint: {where}. Set train.skip_nonfinite=True to skip such updates.")
+
+
+def _save(run: Run, step: int, state, data_iter) -> None:
+  if run.ckpts.latest_step() != step:
+    run.ckpts.save(step, state, data_iter.get_state())
+
+
+def _train(run: Run, state, data_iter, stop: StopOnSignal):
+  """The step loop; returns (state, stopped_by_signal)."""
+  t = run.config.train
+  train_fn = step_lib.jit_train_step(run.config, run.graphdef, run.tx)
+  peak_total = (t.peak_flops or metrics_lib.measure_peak_flops()) * jax.device_count()
+  start = int(state["step"])
+  bar = tqdm(total=t.steps, initial=start, disable=not run.main, dynamic_ncols=True)
+  clock, tokens = time.perf_counter(), 0.0
+  for step in range(start + 1, t.steps + 1):
+    state, m = train_fn(state, global_batch(next(data_iter), run.mesh))
+    m = jax.device_get(m)
+    if not m["finite"] and not t.skip_nonfinite:
+      bar.close()
+      raise _nonfinite(run, step, m)
+    tokens += float(m["tokens"])
+    bar.update(1)
+    if step % t.log_every == 0 or step == t.steps:
+      now = time.perf_counter()
+      record = metrics_lib.summarize(m, step=step, tokens_per_s=tokens / (now - clock),
+                                     flops_per_token=run.flops_per_token, peak_flops_total=peak_total)
+      run.writer.write(record)
+      bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+      clock, tokens = now, 0.0
+    if step % t.checkpoint_every == 0 or step == t.steps:
+      _save(run, step, state, data_iter)
+    if stop.requested():
+      _save(run, step, state, data_iter)
+      bar.close()
+      return state, True
+  bar.close()
+  return state, False
+
+
+def evaluate(config, graphdef, state, mesh, *, eval_fn=None) -> dict:
+  """Loss and perplexity over the first `train.eval_batches` validation batches."""
+  eval_fn = eval_fn or step_lib.jit_eval_step(graphdef)
+  it = iter(make_loader(config, "validation"))
+  ce_sum, n = 0.0, 0.0
+  for _ in range(config.train.eval_batches):
+    out = jax.device_get(eval_fn(state["params"], state["rest"], global_batch(next(it), mesh)))
+    ce_sum, n = ce_sum + float(out["ce_sum"]), n + float(out["tokens"])
+  loss = ce_sum / max(n, 1.0)
+  return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 80.0))),
+          "eval_tokens": n}
+
+
+def _finish(run: Run, state, stopped: StopOnSignal | None) -> dict:
+  step = int(state["step"])
+  if stopped is not None:
+    print(f"{stopped.signal_name}: stopped after step {step}; saved checkpoint "
+          f"{run.ckpts.path(step)}", flush=True)
+    return {"step": step, "stopped": True}
+  result = {"step": step, **evaluate(run.config, run.graphdef, state, run.mesh)}
+  run.writer.write(result)
+  if run.main:
+    print(f"step {step}: eval loss {result['eval_loss']:.4f} perplexity "
+          f"{result['eval_perplexity']:.2f}; checkpoint {run.ckpts.path(step)}", flush=True)
+    _plot(run.workdir)
+  return {**result, "stopped": False}
+
+
+def _plot(workdir: str) -> None:
+  try:
+    from dsmoe.train import plots
+  except ImportError as e:
+    print(f"no plot ({e}); pip install matplotlib")
+    return
+  print(f"plot: {plots.plot_run(workdir)}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint).
+
+  Returns {"step", "stopped", "eval_loss", "eval_perplexity", ...} and the
+  final state under "state".
+  """
+  fpt = accounting.flops_per_token(config)
+  config = config_lib.resolve(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = make_mesh()
+  _check_batch(config, mesh)
+  tx = optimizer_lib.make_optimizer(config.train)
+  ckpts = checkpoint_lib.Checkpoints(workdir, config.train.keep_checkpoints)
+  data_iter = iter(make_loader(config, "train"))
+  graphdef, state = init_or_restore(config, tx, ckpts, mesh, data_iter)
+  start = int(state["step"])
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
+  run = Run(config, workdir, mesh, graphdef, tx, ckpts, writer, fpt)
+  if run.main:
+    print(f"{'resuming from step ' + str(start) if start else 'starting'}: "
+          f"workdir {workdir}, {jax.device_count()} devices, {jax.process_count()} processes")
+  try:
+    with StopOnSignal() as stop:
+      state, stopped = _train(run, state, data_iter, stop)
+    ckpts.wait()
+    result = _finish(run, state, stop if stopped else None)
+  finally:
+    ckpts.wait()
+    writer.close()
+  return {**result, "state": state}

@@ -1,0 +1,144 @@
+"""Train and eval steps: pure functions of (state, batch), jitted by the loop.
+
+The training state is a plain dict pytree (what Orbax saves):
+
+    {"step": int32 [],            updates done so far
+     "skipped": int32 [],         non-finite updates skipped (train.skip_nonfinite)
+     "params": {...},             nnx.Param values as a pure dict (float32 master)
+     "rest": {...},               any other model variables (pure dict)
+     "opt_state": ...,            Optax state over "params"
+     "rng": uint32 [2]}           base key data (per-step keys fold in "step")
+
+The model is rebuilt inside the traced function with ``nnx.merge(graphdef,
+params, rest)``; `graphdef` is static (closed over by :func:`jit_train_step`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from dsmoe.model import Transformer
+from dsmoe.train import optimizer as optimizer_lib
+
+
+def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
+  """(graphdef, state) of a freshly initialised model; `config` is resolved."""
+  model = Transformer(config.model, rngs=nnx.Rngs(params=config.train.seed))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+  rng = jax.random.key_data(jax.random.key(config.train.seed + 1))
+  state = {"step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32),
+           "params": params, "rest": rest, "opt_state": tx.init(params), "rng": rng}
+  return graphdef, state
+
+
+def abstract_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
+  """(graphdef, state of ShapeDtypeStructs): shapes without allocating."""
+  out = {}
+
+  def build():
+    graphdef, state = init_state(config, tx)
+    out["graphdef"] = graphdef
+    return state
+  shapes = jax.eval_shape(build)
+  return out["graphdef"], shapes
+
+
+def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array):
+  """(sum of token NLLs where mask, number of such tokens), both float32."""
+  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+  nll_bt = -jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
+  mask = mask_bt.astype(jnp.float32)
+  return jnp.sum(nll_bt * mask), jnp.sum(mask)
+
+
+def _forward(graphdef, params, rest, batch, *, train: bool):
+  model = nnx.merge(graphdef, params, rest)
+  logits_btv, aux = model(batch["inputs"], batch["segment_ids"], train=train)
+  ce_sum, n = cross_entropy(logits_btv, batch["targets"], batch["segment_ids"] > 0)
+  return ce_sum, n, aux
+
+
+def _loss_fn(params, graphdef, rest, batch, n_tokens, accum: int):
+  """Gradient objective of one micro-batch: its share of the global CE + aux/accum."""
+  ce_sum, _, aux = _forward(graphdef, params, rest, batch, train=True)
+  aux_total = sum(aux["losses"].values()) if aux["losses"] else 0.0
+  objective = ce_sum / n_tokens + aux_total / accum
+  return objective, (ce_sum, aux)
+
+
+def _grads(graphdef, params, rest, batch, accum: int):
+  """Gradients and statistics summed over `accum` micro-batches."""
+  n_tokens = jnp.maximum(jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32), 1.0)
+  grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+  if accum == 1:
+    (_, (ce_sum, aux)), grads = grad_fn(params, graphdef, rest, batch, n_tokens, 1)
+    return grads, ce_sum, n_tokens, aux
+  micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+
+  def body(carry, mb):
+    (_, (ce_sum, aux)), g = grad_fn(params, graphdef, rest, mb, n_tokens, accum)
+    return jax.tree.map(jnp.add, carry, (g, ce_sum)), aux
+  zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+  (grads, ce_sum), auxs = jax.lax.scan(body, zeros, micro)
+  aux = {"losses": jax.tree.map(lambda x: jnp.mean(x, 0), auxs["losses"]),
+         "moe": {k: (jnp.sum(v, 0) if k == "tokens_per_expert" else jnp.mean(v, 0))
+                 for k, v in auxs["moe"].items()}}
+  return grads, ce_sum, n_tokens, aux
+
+
+def _select(ok, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def train_step(state, batch, *, graphdef, tx, schedule, accum: int, skip_nonfinite: bool):
+  """One update on the global batch; returns (new state, metrics of this step)."""
+  params = state["params"]
+  grads, ce_sum, n_tokens, aux = _grads(graphdef, params, state["rest"], batch, accum)
+  loss = ce_sum / n_tokens
+  grad_norm = optax.global_norm(grads)
+  aux_losses = aux["losses"]
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  for v in aux_losses.values():
+    finite &= jnp.isfinite(v)
+  updates, opt_state = tx.update(grads, state["opt_state"], params)
+  new_params = optax.apply_updates(params, updates)
+  if skip_nonfinite:
+    new_params = _select(finite, new_params, params)
+    opt_state = _select(finite, opt_state, state["opt_state"])
+  new_state = dict(state, step=state["step"] + 1, params=new_params, opt_state=opt_state,
+                   skipped=state["skipped"] + (~finite).astype(jnp.int32))
+  metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+             "skipped": new_state["skipped"],
+             "learning_rate": schedule(state["step"]), "tokens": n_tokens,
+             **{f"aux/{k}": v for k, v in aux_losses.items()}}
+  if aux["moe"]:
+    metrics["tokens_per_expert"] = aux["moe"]["tokens_per_expert"]  # [L_moe, E]
+    metrics["dropped_fraction"] = aux["moe"]["dropped_fraction"]  # [L_moe]
+  return new_state, metrics
+
+
+def eval_step(params, rest, batch, *, graphdef):
+  """{"ce_sum", "tokens"} of one batch, MoE in evaluation mode."""
+  ce_sum, n, _ = _forward(graphdef, params, rest, batch, train=False)
+  return {"ce_sum": ce_sum, "tokens": n}
+
+
+def jit_train_step(config: ml_collections.ConfigDict, graphdef, tx):
+  """train_step jitted with the state donated (updated in place)."""
+  t = config.train
+  fn = functools.partial(train_step, graphdef=graphdef, tx=tx,
+                         schedule=optimizer_lib.make_schedule(t),
+                         accum=t.grad_accum_steps, skip_nonfinite=t.skip_nonfinite)
+  return jax.jit(fn, donate_argnums=0)
+
+
+def jit_eval_step(graphdef):
+  return jax.jit(functools.partial(eval_step, graphdef=graphdef))
+
