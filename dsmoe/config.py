@@ -73,11 +73,23 @@ def base_config() -> ml_collections.ConfigDict:
   e.eval_capacity_factor = 0.0  # 0: never drop at evaluation
   e.drop_policy = "position"  # "position" or "score"
 
-  c.data = d = ml_collections.ConfigDict()
-  d.seq_len = 128
-  d.source = "bytes"  # byte-level text of local files (M1 default corpus)
-  d.text_dir = ""  # "" : the Python standard library source on this machine
-  d.max_files = 400
+  c.data = d = ml_collections.ConfigDict()  # see docs/DATA.md
+  d.seq_len = 128  # tokens per packed row
+  d.tfds_name = ""  # a prepared TFDS dataset ("lm1b", "c4/en"); "": local_text
+  d.text_key = "text"  # feature holding the text in data.tfds_name
+  d.text_dir = ""  # local_text folder; "": the Python stdlib source (*.py)
+  d.file_glob = ""  # local_text patterns, "*.txt,*.md"; "": defaults (DATA.md)
+  d.validation_percent = 5.0  # local_text: % of files (by path hash) held out
+  d.data_dir = "data_cache/tfds"  # TFDS data and tokenizer cache
+  d.tokenizer = "sentencepiece"  # "sentencepiece" (BPE) or "bytes" (256)
+  d.vocab_size = 8192  # SentencePiece pieces (paper 2B: 8K); <= model.vocab_size
+  d.tokenizer_path = ""  # an existing SentencePiece .model; "": train + cache
+  d.tokenizer_sample_bytes = 4_000_000  # training-split text to train BPE on
+  d.pad_id, d.bos_id, d.eos_id = 0, 1, 2  # SentencePiece ids (bytes: 0, 254, 255)
+  d.add_bos = False  # documents: [BOS] tokens EOS
+  d.num_threads = 2  # grain threads reading + tokenizing documents
+  d.prefetch_docs = 64  # documents read ahead
+  d.prefetch_batches = 0  # batches prepared ahead in a thread (0: none)
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 300
@@ -239,5 +251,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def validate_data(d: ml_collections.ConfigDict) -> None:
   """Rules of the `config.data` block (owned by dsmoe.data)."""
-  if not isinstance(d.seq_len, int) or d.seq_len < 1:
-    _fail("data.seq_len", "must be an integer >= 1", d.seq_len)
+  for k in ("seq_len", "vocab_size", "tokenizer_sample_bytes", "num_threads",
+            "prefetch_docs"):
+    if not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < 1:
+      _fail(f"data.{k}", "must be an integer >= 1", d[k])
+  if not isinstance(d.prefetch_batches, int) or d.prefetch_batches < 0:
+    _fail("data.prefetch_batches", "must be an integer >= 0", d.prefetch_batches)
+  _one_of(d, "data", "tokenizer", ("sentencepiece", "bytes"))
+  if not 0 <= d.validation_percent < 100:
+    _fail("data.validation_percent", "must be in [0, 100)", d.validation_percent)
+  if not d.data_dir:
+    _fail("data.data_dir", "must name a folder for TFDS data and tokenizers", d.data_dir)
+  if d.tfds_name and d.text_dir:
+    _fail("data.text_dir", "set either data.text_dir (local_text) or "
+          f"data.tfds_name={d.tfds_name!r}, not both", d.text_dir)
+  ids = {"pad_id": d.pad_id, "bos_id": d.bos_id, "eos_id": d.eos_id}
+  for k, v in ids.items():
+    if not isinstance(v, int) or not 0 <= v < 4:
+      _fail(f"data.{k}", "must be one of 0..3 (SentencePiece special ids)", v)
+  if len(set(ids.values())) != 3:
+    _fail("data.eos_id", "data.pad_id, bos_id and eos_id must differ", ids)
+  if d.tokenizer == "sentencepiece" and d.vocab_size < 300:
+    _fail("data.vocab_size", "SentencePiece BPE needs >= 300 pieces (256 byte "
+          "pieces + specials + merges); use data.tokenizer='bytes' for less",
+          d.vocab_size)

@@ -1,0 +1,115 @@
+"""TFDS dataset `local_text`: the text files of one directory, one document each.
+
+Built in the array_record format, which TFDS writes and reads without
+TensorFlow. Each directory gets its own builder config whose name holds a
+fingerprint of the file list (paths, sizes, mtimes) and the split settings, so
+a changed directory is built again into a new folder and an unchanged one is
+reused::
+
+    <data_dir>/local_text/<slug>_<fingerprint>/1.0.0/
+        local_text-train.array_record-00000-of-00001
+        local_text-validation.array_record-00000-of-00001
+
+TFDS builds into a temporary ``incomplete.*`` folder and renames it when
+done, so an interrupted build leaves nothing that looks finished.
+
+Features: ``text`` (the file's UTF-8 text) and ``path`` (relative path).
+The validation split holds the files whose path hash falls in the first
+``validation_percent`` percent (:func:`dsmoe.data.corpus.split_of`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+
+import tensorflow_datasets as tfds
+
+from dsmoe.data import corpus as corpus_lib
+
+VERSION = "1.0.0"
+
+
+@dataclasses.dataclass(eq=False)
+class LocalTextConfig(tfds.core.BuilderConfig):
+  """Which directory and files to read, and the validation share."""
+  root: str = ""
+  files: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+  validation_percent: float = 5.0
+
+
+class LocalText(tfds.core.GeneratorBasedBuilder):
+  """The UTF-8 text files of a directory, split by a hash of their path."""
+
+  VERSION = tfds.core.Version(VERSION)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="UTF-8 text files of a local directory, one example per file.",
+        features=tfds.features.FeaturesDict({
+            "text": tfds.features.Text(),
+            "path": tfds.features.Text(),
+        }),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    return {split: self._generate_examples(split) for split in corpus_lib.SPLITS}
+
+  def _generate_examples(self, split: str):
+    cfg = self.builder_config
+    for rel in cfg.files:
+      if corpus_lib.split_of(rel, cfg.validation_percent) != split:
+        continue
+      text = corpus_lib.read_text(os.path.join(cfg.root, rel))
+      if text is not None:
+        yield rel, {"text": text, "path": rel}
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """Hides TFDS's warnings about custom (per-directory) builder configs."""
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
+
+
+def local_text_builder(text_dir: str, data_dir: str, *, file_glob: str = "",
+                       validation_percent: float = 5.0) -> LocalText:
+  """Returns the prepared `local_text` builder of `text_dir`, building it if needed.
+
+  Raises FileNotFoundError/ValueError (naming the directory) for a missing
+  or empty directory, no matching files, or no UTF-8 text at all. Files
+  that are empty, binary or not UTF-8 are skipped and counted in the log.
+  """
+  corpus = corpus_lib.list_corpus(text_dir, file_glob)
+  fp = corpus_lib.fingerprint(corpus, corpus.globs, float(validation_percent), VERSION)
+  name = f"{corpus.slug}_{fp[:16]}"
+
+  def make(files):
+    cfg = LocalTextConfig(name=name, description=f"text files of {corpus.root}",
+                          root=corpus.root, files=files,
+                          validation_percent=float(validation_percent))
+    with _quiet_tfds():
+      return LocalText(config=cfg, data_dir=data_dir, file_format="array_record")
+
+  builder = make(corpus.files)
+  if builder.is_prepared():
+    return builder
+  files, skipped = corpus_lib.readable_files(corpus)
+  if skipped:
+    logging.warning("local_text: skipped %d of %d files in %s (empty, binary or "
+                    "not UTF-8)", skipped, len(corpus.files), corpus.root)
+  builder = make(files)
+  logging.info("local_text: building %s (%d files) into %s", name, len(files),
+               builder.data_dir)
+  tfds.display_progress_bar(False)  # one line in the log instead of bars
+  builder.download_and_prepare()
+  return builder
