@@ -57,7 +57,11 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
-    return {split: self._generate_examples(split) for split in corpus_lib.SPLITS}
+    cfg = self.builder_config
+    present = {corpus_lib.split_of(rel, cfg.validation_percent) for rel in cfg.files}
+    # TFDS refuses empty splits: a small corpus may have no validation files.
+    return {split: self._generate_examples(split) for split in corpus_lib.SPLITS
+            if split in present}
 
   def _generate_examples(self, split: str):
     cfg = self.builder_config
@@ -107,6 +111,10 @@ def local_text_builder(text_dir: str, data_dir: str, *, file_glob: str = "",
   if skipped:
     logging.warning("local_text: skipped %d of %d files in %s (empty, binary or "
                     "not UTF-8)", skipped, len(corpus.files), corpus.root)
+  if all(corpus_lib.split_of(f, validation_percent) != "train" for f in files):
+    raise ValueError(f"data.validation_percent={validation_percent}: all {len(files)} "
+                     f"text files of {corpus.root!r} fall in the validation split; "
+                     "add files or lower data.validation_percent")
   builder = make(files)
   logging.info("local_text: building %s (%d files) into %s", name, len(files),
                builder.data_dir)

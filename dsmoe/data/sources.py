@@ -38,8 +38,10 @@ class Source:
     for name in SPLIT_ALIASES.get(split, (split,)):
       if name in available:
         return name
+    hint = (" (a small local_text corpus may have no validation files: raise "
+            "data.validation_percent)" if self.key == "data.text_dir" else "")
     raise ValueError(f"{self.key}: dataset {self.dataset_id!r} has no split "
-                     f"{split!r}; it has {available}")
+                     f"{split!r}; it has {available}{hint}")
 
   def data_source(self, split: str):
     """Random-access records of `split` (len() and [i] -> dict of features)."""

@@ -1,0 +1,343 @@
+"""dsmoe.data: local_text split, tokenizers, packing, resumable loader, errors.
+
+Corpora are small folders written in tmp_path; oracles are computed here from
+the files themselves (with the byte tokenizer a document is its UTF-8 bytes,
+and EOS = 255 never occurs in UTF-8, so the packed stream can be cut back
+into documents).
+"""
+
+import json
+import logging
+import os
+import socket
+
+import grain
+import numpy as np
+import pytest
+
+from dsmoe.config import base_config, validate_data
+from dsmoe.data import make_loader, make_tokenizer
+from dsmoe.data import corpus as corpus_lib
+from dsmoe.data import packing
+from dsmoe.data import tokenizer as tok_lib
+from dsmoe.data.local_text import local_text_builder
+
+EOS = 255  # byte tokenizer
+
+
+def write_corpus(folder, n_files=24, seed=0, words=(5, 80)):
+  """`n_files` .txt files of random words (some non-ASCII); returns {relpath: text}."""
+  rng = np.random.default_rng(seed)
+  vocab = ["alpha", "beta", "gamma", "délta", "ε", "zeta\tz", "日本", "x", "  ", "y\n"]
+  texts = {}
+  for i in range(n_files):
+    rel = os.path.join(f"d{i % 3}", f"f{i:03d}.txt")
+    n = int(rng.integers(*words))
+    texts[rel] = " ".join(rng.choice(vocab, n)) + f" end{i}\n"
+    os.makedirs(folder / os.path.dirname(rel), exist_ok=True)
+    (folder / rel).write_text(texts[rel], encoding="utf-8")
+  return texts
+
+
+def make_config(tmp_path, text_dir, **data):
+  c = base_config()
+  c.model.vocab_size = 256
+  c.data.update(dict(text_dir=str(text_dir), data_dir=str(tmp_path / "cache"),
+                     tokenizer="bytes", seq_len=32, validation_percent=25.0))
+  c.data.update(data)
+  c.train.batch_size = 4
+  c.train.seed = 3
+  return c
+
+
+def split_texts(builder, split):
+  if split not in builder.info.splits:  # TFDS stores no empty split
+    return {}
+  return {r["path"].decode(): r["text"].decode() for r in builder.as_data_source(split=split)}
+
+
+def stream_documents(rows):
+  """Cuts a packed byte stream (rows of inputs) at EOS into document texts."""
+  stream = np.concatenate([r.reshape(-1) for r in rows])
+  cuts = np.flatnonzero(stream == EOS)
+  docs, start = [], 0
+  for c in cuts:
+    docs.append(bytes(stream[start:c].astype(np.uint8)).decode("utf-8"))
+    start = c + 1
+  return docs
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- split
+
+def test_split_deterministic_disjoint_covering(tmp_path):
+  texts = write_corpus(tmp_path / "text")
+  a = local_text_builder(str(tmp_path / "text"), str(tmp_path / "c1"), validation_percent=25)
+  b = local_text_builder(str(tmp_path / "text"), str(tmp_path / "c2"), validation_percent=25)
+  train, val = split_texts(a, "train"), split_texts(a, "validation")
+  assert train == split_texts(b, "train") and val == split_texts(b, "validation")
+  assert not set(train) & set(val)
+  assert {**train, **val} == texts  # every file once, text unchanged
+  assert 0 < len(val) < len(texts)
+
+
+def test_unchanged_dir_reused_changed_dir_rebuilt(tmp_path):
+  write_corpus(tmp_path / "text")
+  first = local_text_builder(str(tmp_path / "text"), str(tmp_path / "c"))
+  again = local_text_builder(str(tmp_path / "text"), str(tmp_path / "c"))
+  assert again.data_dir == first.data_dir
+  (tmp_path / "text" / "new.txt").write_text("a new file\n", encoding="utf-8")
+  changed = local_text_builder(str(tmp_path / "text"), str(tmp_path / "c"))
+  assert changed.data_dir != first.data_dir
+  all_paths = set(split_texts(changed, "train")) | set(split_texts(changed, "validation"))
+  assert "new.txt" in all_paths
+
+
+def test_default_corpus_lists_stdlib_python_files():
+  corpus = corpus_lib.list_corpus("")
+  assert corpus.is_default and "os.py" in corpus.files
+  assert all(f.endswith(".py") and "site-packages" not in f for f in corpus.files)
+
+
+# ---------------------------------------------------------------- tokenizers
+
+TEXT = "def f(x):\n\treturn  x * 2  # dé日本 🙂\n\n    spaces   kept\n"
+
+
+def test_bytes_tokenizer_round_trip():
+  tok = tok_lib.ByteTokenizer()
+  ids = tok.encode(TEXT)
+  assert ids.dtype == np.int32 and list(ids) == list(TEXT.encode("utf-8"))
+  assert tok.decode(ids) == TEXT
+  assert tok.eos_id not in ids and tok.bos_id not in ids
+
+
+def test_sentencepiece_round_trip_small_vocab(tmp_path):
+  texts = write_corpus(tmp_path / "text", n_files=40, words=(50, 200))
+  tok = tok_lib.train_sentencepiece(list(texts.values()), 320, sample_bytes=10**6)
+  assert tok.vocab_size == 320 and (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+  for text in [TEXT, *list(texts.values())[:5]]:
+    ids = tok.encode(text)
+    assert ids.max() < 320 and tok.decode(ids) == text
+  assert len(tok.encode(texts["d0/f000.txt"])) < len(texts["d0/f000.txt"].encode())
+
+
+def test_sentencepiece_cached_and_reused(tmp_path, monkeypatch):
+  write_corpus(tmp_path / "text", n_files=40, words=(50, 200))
+  c = make_config(tmp_path, tmp_path / "text", tokenizer="sentencepiece", vocab_size=320)
+  c.model.vocab_size = 320
+  first = make_tokenizer(c)
+  models = [f for _, _, fs in os.walk(tmp_path / "cache") for f in fs if f.endswith(".model")]
+  assert len(models) == 1 and not [f for f in models if f.startswith(".tmp")]
+
+  def no_training(*a, **k):
+    raise AssertionError("the cached tokenizer should be reused")
+  monkeypatch.setattr(tok_lib, "train_sentencepiece", no_training)
+  again = make_tokenizer(c)
+  assert again.model_proto == first.model_proto
+
+
+def test_tokenizer_file_with_other_vocab_size_is_refused(tmp_path):
+  texts = write_corpus(tmp_path / "text", n_files=40, words=(50, 200))
+  path = tmp_path / "spm.model"
+  path.write_bytes(tok_lib.train_sentencepiece(list(texts.values()), 320).model_proto)
+  c = make_config(tmp_path, tmp_path / "text", tokenizer="sentencepiece",
+                  vocab_size=400, tokenizer_path=str(path))
+  c.model.vocab_size = 400
+  with pytest.raises(ValueError, match=r"spm.model.*320 pieces.*data.vocab_size=400"):
+    make_tokenizer(c)
+
+
+def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path):
+  write_corpus(tmp_path / "text")
+  c = make_config(tmp_path, tmp_path / "text")
+  c.model.vocab_size = 200
+  with pytest.raises(ValueError, match=r"model.vocab_size=200.*256"):
+    make_loader(c, process_index=0, process_count=1)
+
+
+# ---------------------------------------------------------------- packing
+
+def test_pack_iter_dataset_rows_hold_the_concatenated_documents():
+  rng = np.random.default_rng(1)
+  docs = [np.append(rng.integers(3, 200, int(n)), EOS).astype(np.int32)
+          for n in rng.integers(1, 50, 30)]
+  seq_len, n_rows = 16, 20
+  ds = packing.PackIterDataset(grain.MapDataset.source(docs).to_iter_dataset(),
+                               seq_len, docs_per_epoch=len(docs))
+  rows = take(iter(ds), n_rows)
+  stream = np.concatenate(docs)  # oracle: the documents end to end
+  inputs = np.stack([r["inputs"] for r in rows])
+  targets = np.stack([r["targets"] for r in rows])
+  np.testing.assert_array_equal(inputs.reshape(-1), stream[:n_rows * seq_len])
+  np.testing.assert_array_equal(targets.reshape(-1), stream[1:n_rows * seq_len + 1])
+  doc_of = np.repeat(np.arange(len(docs)), [len(d) for d in docs])[:n_rows * seq_len]
+  doc_start = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
+  for r, row in enumerate(rows):
+    d = doc_of[r * seq_len:(r + 1) * seq_len]
+    np.testing.assert_array_equal(row["segment_ids"], d - d[0] + 1)
+    pos = np.arange(r * seq_len, (r + 1) * seq_len) - doc_start[d]
+    pos = np.where(d == d[0], np.minimum(pos, np.arange(seq_len)), pos)
+    np.testing.assert_array_equal(row["positions"], pos)
+    assert all(row[k].dtype == np.int32 for k in row)
+
+
+def test_loader_batches_hold_exactly_the_documents(tmp_path):
+  texts = write_corpus(tmp_path / "text")
+  c = make_config(tmp_path, tmp_path / "text")
+  builder = local_text_builder(str(tmp_path / "text"), c.data.data_dir, validation_percent=25)
+  train = sorted(split_texts(builder, "train").values())
+  it = iter(make_loader(c, process_index=0, process_count=1))
+  batches = take(it, 120)
+  b = batches[0]
+  assert set(b) == {"inputs", "targets", "segment_ids", "positions"}
+  assert all(v.shape == (4, 32) and v.dtype == np.int32 for v in b.values())
+  rows = [row for batch in batches for row in batch["inputs"]]
+  docs = stream_documents(rows)
+  n = len(train)
+  assert sorted(docs[:n]) == train  # the first epoch: each document exactly once
+  assert sorted(docs[n:2 * n]) == train and docs[n:2 * n] != docs[:n]  # reshuffled
+  flat_in = np.concatenate(rows)
+  flat_tg = np.concatenate([row for batch in batches for row in batch["targets"]])
+  np.testing.assert_array_equal(flat_tg[:-1], flat_in[1:])
+  seg = np.concatenate([row for batch in batches for row in batch["segment_ids"]])
+  after_eos = np.flatnonzero(flat_in[:-1] == EOS) + 1
+  new_seg = np.flatnonzero(np.diff(seg) != 0) + 1
+  row_starts = np.arange(0, len(seg), 32)
+  assert set(new_seg) - set(row_starts) == set(after_eos) - set(row_starts)
+  assert (seg[row_starts] == 1).all()
+  assert set(texts) >= set(split_texts(builder, "validation"))
+
+
+# ---------------------------------------------------------------- resume
+
+@pytest.mark.parametrize("prefetch_batches", [0, 2])
+def test_restore_gives_identical_following_batches(tmp_path, prefetch_batches):
+  write_corpus(tmp_path / "text")
+  c = make_config(tmp_path, tmp_path / "text", prefetch_batches=prefetch_batches)
+  it = iter(make_loader(c, process_index=0, process_count=1))
+  take(it, 37)  # past the first epoch (about 30 batches)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = take(it, 40)
+  fresh = iter(make_loader(c, process_index=0, process_count=1))
+  fresh.set_state(state)
+  for want, got in zip(expected, take(fresh, 40)):
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+# ---------------------------------------------------------------- sharding
+
+def test_two_processes_read_disjoint_covering_shards(tmp_path):
+  write_corpus(tmp_path / "text")
+  c = make_config(tmp_path, tmp_path / "text")
+  builder = local_text_builder(str(tmp_path / "text"), c.data.data_dir, validation_percent=25)
+  train = set(split_texts(builder, "train").values())
+  seen = []
+  for pi in range(2):
+    it = iter(make_loader(c, process_index=pi, process_count=2))
+    batches = take(it, 80)
+    assert batches[0]["inputs"].shape == (2, 32)
+    seen.append(set(stream_documents([r for b in batches for r in b["inputs"]])))
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == train
+
+
+# ---------------------------------------------------------------- bad input
+
+def assert_nothing_built(data_dir):
+  found = [os.path.join(p, f) for p, _, fs in os.walk(data_dir) for f in fs]
+  assert not [f for f in found if "incomplete" in f or f.endswith(".array_record-00000-of-00001")]
+  assert not [f for f in found if f.endswith(".json")]
+
+
+def test_missing_directory(tmp_path):
+  c = make_config(tmp_path, tmp_path / "nope")
+  with pytest.raises(FileNotFoundError, match=r"data.text_dir.*nope.*does not exist"):
+    make_loader(c, process_index=0, process_count=1)
+  assert_nothing_built(tmp_path / "cache")
+
+
+def test_empty_directory(tmp_path):
+  (tmp_path / "text").mkdir()
+  c = make_config(tmp_path, tmp_path / "text")
+  with pytest.raises(ValueError, match=r"data.text_dir.*text.*is empty"):
+    make_loader(c, process_index=0, process_count=1)
+  assert_nothing_built(tmp_path / "cache")
+
+
+def test_no_text_files(tmp_path):
+  (tmp_path / "text").mkdir()
+  (tmp_path / "text" / "image.png").write_bytes(b"\x89PNG\x00\x01")
+  c = make_config(tmp_path, tmp_path / "text")
+  with pytest.raises(ValueError, match=r"no text files matching \*\.txt"):
+    make_loader(c, process_index=0, process_count=1)
+  assert_nothing_built(tmp_path / "cache")
+
+
+def test_binary_and_non_utf8_files_skipped_and_counted(tmp_path, caplog):
+  texts = write_corpus(tmp_path / "text", n_files=8)
+  (tmp_path / "text" / "bin.txt").write_bytes(b"abc\x00\x01\x02def")
+  (tmp_path / "text" / "latin1.txt").write_bytes("café".encode("latin-1"))
+  with caplog.at_level(logging.WARNING):
+    builder = local_text_builder(str(tmp_path / "text"), str(tmp_path / "c"))
+  assert "skipped 2 of 10 files" in caplog.text
+  kept = {**split_texts(builder, "train"), **split_texts(builder, "validation")}
+  assert kept == texts
+
+
+def test_only_binary_files(tmp_path):
+  (tmp_path / "text").mkdir()
+  (tmp_path / "text" / "a.txt").write_bytes(b"\x00\x01binary")
+  (tmp_path / "text" / "b.txt").write_bytes(b"\xff\xfe\xfd not utf-8")
+  c = make_config(tmp_path, tmp_path / "text")
+  with pytest.raises(ValueError, match=r"all 2 files.*skipped.*not UTF-8"):
+    make_loader(c, process_index=0, process_count=1)
+  assert_nothing_built(tmp_path / "cache")
+
+
+def test_corpus_shorter_than_one_sequence(tmp_path):
+  (tmp_path / "text").mkdir()
+  for i in range(3):
+    (tmp_path / "text" / f"{i}.txt").write_text("tiny", encoding="utf-8")
+  c = make_config(tmp_path, tmp_path / "text", validation_percent=0.0, seq_len=64)
+  with pytest.raises(ValueError, match=r"shorter than one sequence.*15 tokens.*seq_len=64"):
+    make_loader(c, process_index=0, process_count=1)
+
+
+def test_named_dataset_not_prepared_says_how_without_downloading(tmp_path, monkeypatch):
+  def no_network(*args, **kwargs):
+    raise AssertionError("must not touch the network")
+  monkeypatch.setattr(socket.socket, "connect", no_network)
+  monkeypatch.setattr(socket, "create_connection", no_network)
+  c = make_config(tmp_path, "", tfds_name="tiny_shakespeare")
+  with pytest.raises(FileNotFoundError) as err:
+    make_loader(c, process_index=0, process_count=1)
+  msg = str(err.value)
+  for needle in ("tiny_shakespeare", "not prepared", str(tmp_path / "cache"),
+                 "download_and_prepare", "array_record", "manual"):
+    assert needle in msg
+  assert not os.path.exists(tmp_path / "cache" / "tiny_shakespeare")
+
+
+def test_unknown_named_dataset(tmp_path):
+  c = make_config(tmp_path, "", tfds_name="no_such_dataset_xyz")
+  with pytest.raises(ValueError, match=r"data.tfds_name='no_such_dataset_xyz'"):
+    make_loader(c, process_index=0, process_count=1)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("tokenizer", "wordpiece", "data.tokenizer"),
+    ("vocab_size", 100, "data.vocab_size"),
+    ("eos_id", 0, "must differ"),
+    ("validation_percent", 100.0, "data.validation_percent"),
+    ("seq_len", 0, "data.seq_len"),
+])
+def test_validate_data_rules(key, value, match):
+  d = base_config().data
+  d[key] = value
+  with pytest.raises(ValueError, match=match):
+    validate_data(d)
