@@ -11,7 +11,8 @@ Steps:
      adds the residual and the shared experts);
   3. permute: index gather into the buffer x_ecd [E, C, D] (never a one-hot);
   4. SwiGLU of each buffer with its expert: batched matmuls over E;
-  5. unpermute (dropped pairs read 0) and combine with the gate weights.
+  5. combine: gather each pair's row back (dropped pairs read 0) and sum
+     with the gate weights.
 
 Returns the dropped fraction = dropped pairs / (T * K).
 """
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from dsmoe.dispatch import dropless
 from dsmoe.dispatch import layout as layout_lib
 from dsmoe.dispatch.common import DispatchResult, ExpertWeights
-from dsmoe.dispatch.permute import combine, permute, unpermute
+from dsmoe.dispatch.permute import combine, permute
 
 
 def batched_swiglu(x_ecd, w: ExpertWeights):
@@ -44,8 +45,9 @@ def dispatch_with(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, factor: fl
   x_pd = permute(x_td, lay.token_p, lay.row_tk, True)  # [E*C,D]
   y_ecd = batched_swiglu(x_pd.reshape(num_experts, cap, d),
                          dropless.cast(experts, x_td.dtype))  # [E,C,D]
-  y_tkd = unpermute(y_ecd.reshape(-1, d), lay.row_tk, lay.pair_p, True)  # [T,K,D]
-  return DispatchResult(combine(y_tkd, weight_tk), lay.dropped / (t * k))
+  y_td = combine(y_ecd.reshape(-1, d), weight_tk, lay.row_tk, lay.token_p,
+                 lay.pair_p, True)  # [T,D]
+  return DispatchResult(y_td, lay.dropped / (t * k))
 
 
 def dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, moe, train) -> DispatchResult:

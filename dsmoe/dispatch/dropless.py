@@ -6,8 +6,8 @@ Steps:
   2. permute: gather the token rows into that order, x_pd [P, D];
   3. grouped SwiGLU: rows of expert e use expert e's weights
      ("blocked": a loop over single-expert blocks; "ragged_dot": lax.ragged_dot);
-  4. unpermute: gather each pair's row back, y_tkd [T, K, D];
-  5. combine: y_td = sum_k weight_tk * y_tkd.
+  4. combine: gather each pair's row back and sum with the gate weights,
+     y_td = sum_k weight_tk * y_pd[row_tk].
 
 No token is ever dropped and every shape is static. Steps 2 and 4 have
 gather-only backwards (see permute.py); step 3's "blocked" backward is a
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from dsmoe.dispatch import layout as layout_lib
 from dsmoe.dispatch.common import DispatchResult, ExpertWeights, no_drops
 from dsmoe.dispatch.gmm_blocked import blocked_swiglu
-from dsmoe.dispatch.permute import combine, permute, unpermute
+from dsmoe.dispatch.permute import combine, permute
 
 BACKENDS = ("ragged_dot", "blocked")
 
@@ -64,8 +64,8 @@ def dispatch_with(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, backend: s
   else:
     sizes_e = jnp.bincount(idx_tk.reshape(-1), length=num_experts).astype(jnp.int32)
     y_pd = ragged_swiglu(x_pd, sizes_e, w)  # [P,D]
-  y_tkd = unpermute(y_pd, lay.row_tk, lay.pair_p, False)  # [T,K,D]
-  return DispatchResult(combine(y_tkd, weight_tk), no_drops())
+  y_td = combine(y_pd, weight_tk, lay.row_tk, lay.token_p, lay.pair_p, False)  # [T,D]
+  return DispatchResult(y_td, no_drops())
 
 
 def dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, moe, train) -> DispatchResult:

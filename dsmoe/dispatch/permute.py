@@ -6,8 +6,9 @@ gather by the inverse map instead (see `layout.Layout` for the maps):
 
   permute:   x_pd[p]   = x_td[token_p[p]]
              dx_td[t]  = sum_k dx_pd[row_tk[t, k]]        (dropped rows: 0)
-  unpermute: y_tkd[t,k] = y_pd[row_tk[t, k]]              (dropped rows: 0)
-             dy_pd[p]  = dy_tkd.flat[pair_p[p]]           (padding rows: 0)
+  combine:   y_td[t]   = sum_k weight_tk[t, k] * y_pd[row_tk[t, k]]  (dropped: 0)
+             dy_pd[p]  = weight[pair_p[p]] * dy_td[token_p[p]]      (padding: 0)
+             dweight_tk[t, k] = <y_pd[row_tk[t, k]], dy_td[t]>
 """
 
 from __future__ import annotations
@@ -46,29 +47,33 @@ def _permute_bwd(may_drop, res, dx_pd):
 permute.defvjp(_permute_fwd, _permute_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def unpermute(y_pd, row_tk, pair_p, may_drop: bool):
-  """y_pd [P, D] -> y_tkd [T, K, D] (0 where a pair was dropped)."""
-  del pair_p
-  return _rows(y_pd, row_tk, may_miss=may_drop)  # [T,K,D]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def combine(y_pd, weight_tk, row_tk, token_p, pair_p, may_drop: bool):
+  """y_td = sum_k weight_tk * y_pd[row_tk] (dropped pairs add 0), in y's dtype.
 
-
-def _unpermute_fwd(y_pd, row_tk, pair_p, may_drop):
-  return unpermute(y_pd, row_tk, pair_p, may_drop), (row_tk, pair_p)
-
-
-def _unpermute_bwd(may_drop, res, dy_tkd):
-  del may_drop
-  row_tk, pair_p = res
-  dy_sd = dy_tkd.reshape(-1, dy_tkd.shape[-1])  # [S,D]
-  return _rows(dy_sd, pair_p, may_miss=True), None, None  # [P,D]; padding -> 0
-
-
-unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
-
-
-def combine(y_tkd: jax.Array, weight_tk: jax.Array) -> jax.Array:
-  """y_td = sum_k weight_tk * y_tkd, accumulated in float32, in y's dtype."""
-  y_td = jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype),
+  The gather and the weighted sum fuse into one pass; no [T, K, D] array is
+  kept for the backward.
+  """
+  del token_p, pair_p
+  y_tkd = _rows(y_pd, row_tk, may_miss=may_drop)  # [T,K,D]
+  y_td = jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_pd.dtype),
                     preferred_element_type=jnp.float32)  # [T,D]
-  return y_td.astype(y_tkd.dtype)
+  return y_td.astype(y_pd.dtype)
+
+
+def _combine_fwd(y_pd, weight_tk, row_tk, token_p, pair_p, may_drop):
+  y_td = combine(y_pd, weight_tk, row_tk, token_p, pair_p, may_drop)
+  return y_td, (y_pd, weight_tk, row_tk, token_p, pair_p)
+
+
+def _combine_bwd(may_drop, res, dy_td):
+  """dy_pd[p] = w[pair_p] * dy_td[token_p] (padding: 0); dw = <y_pd[row], dy>."""
+  y_pd, weight_tk, row_tk, token_p, pair_p = res
+  w_p = _rows(weight_tk.reshape(-1), pair_p, may_miss=True)  # [P]; padding -> 0
+  dy_pd = (_rows(dy_td, token_p, may_miss=False) * w_p[:, None].astype(dy_td.dtype))  # [P,D]
+  y_tkd = _rows(y_pd, row_tk, may_miss=may_drop)  # [T,K,D]
+  dw_tk = jnp.einsum("tkd,td->tk", y_tkd, dy_td, preferred_element_type=jnp.float32)  # [T,K]
+  return dy_pd.astype(y_pd.dtype), dw_tk.astype(weight_tk.dtype), None, None, None
+
+
+combine.defvjp(_combine_fwd, _combine_bwd)

@@ -1,0 +1,266 @@
+"""Benchmark of the routed-expert dispatch against the dense-FLOPs limit (M2).
+
+Measures, in one process, forward+backward time (jit, one warm-up run, median
+of reps taken in interleaved rounds) and peak temporary memory (XLA's
+compiled memory_analysis().temp_size_in_bytes: every intermediate, not the
+inputs and outputs) of:
+  dense_ffn             one SwiGLU FFN of hidden top_k * expert_hidden: the same
+                        activated FLOPs as the MoE layer, the physical limit;
+  flat_expert_ffn       all T*K pairs through ONE expert's weights: same FLOPs
+                        and matmul shapes as the MoE, no routing (shape limit);
+  capacity              dsmoe capacity dispatch (factor --capacity-factor);
+  capacity_score        the same with drop_policy="score";
+  dropless_blocked      dsmoe dropless, blocked grouped matmul (--block-size);
+  dropless_ragged_dot   dsmoe dropless, jax.lax.ragged_dot backend;
+  naive_onehot_einsum   GShard-style dispatch/combine one-hot einsums [T,E,C];
+  naive_ragged_dot      sort + take + lax.ragged_dot + segment_sum, plain autodiff.
+
+Routing: random router logits -> softmax -> top-k (realistic imbalance).
+The gradient is taken w.r.t. the tokens, the gate weights and all weights.
+
+    python scripts/bench_moe.py                       # default shape, float32
+    python scripts/bench_moe.py --dtype bfloat16 --json /tmp/moe.json
+
+Runs without ml_collections (the `moe` argument is a SimpleNamespace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+import types
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _import_dispatch():
+  """dsmoe.dispatch without dsmoe/__init__ when ml_collections is missing."""
+  sys.path.insert(0, str(ROOT))
+  if importlib.util.find_spec("ml_collections") is None and "dsmoe" not in sys.modules:
+    pkg = types.ModuleType("dsmoe")
+    pkg.__path__ = [str(ROOT / "dsmoe")]
+    sys.modules["dsmoe"] = pkg
+  import dsmoe.dispatch as dispatch  # pylint: disable=g-import-not-at-top
+  return dispatch
+
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+dispatch = _import_dispatch()
+
+
+def moe_namespace(impl: str, *, backend="blocked", block_size=64, capacity_factor=1.25,
+                  drop_policy="position"):
+  return types.SimpleNamespace(impl=impl, gmm_backend=backend, block_size=block_size,
+                               capacity_factor=capacity_factor, eval_capacity_factor=0.0,
+                               drop_policy=drop_policy)
+
+
+# ----------------------------------------------------------------------------
+# The layers under test: layer(x_td, idx_tk, weight_tk, params) -> y_td.
+# ----------------------------------------------------------------------------
+
+def dense_ffn(x_td, w1_dh, w2_dh, w3_hd):
+  dt = x_td.dtype
+  g = jnp.einsum("td,dh->th", x_td, w1_dh.astype(dt))  # [T,K*H]
+  u = jnp.einsum("td,dh->th", x_td, w2_dh.astype(dt))  # [T,K*H]
+  return jnp.einsum("th,hd->td", jax.nn.silu(g) * u, w3_hd.astype(dt))  # [T,D]
+
+
+def flat_expert_ffn(x_td, idx_tk, weight_tk, w):
+  """Not a dispatch: every one of the T*K pairs through expert 0's weights.
+
+  The same FLOPs and matmul shapes ([S, D] x [D, H]) as any exact MoE layer,
+  with no routing work: the limit any dispatch can reach with XLA's matmuls.
+  """
+  del idx_tk
+  (t, d), k = x_td.shape, weight_tk.shape[1]
+  dt = x_td.dtype
+  x_sd = jnp.broadcast_to(x_td[:, None], (t, k, d)).reshape(t * k, d)  # [S,D]
+  g = jnp.einsum("sd,dh->sh", x_sd, w.w_gate_edh[0].astype(dt))  # [S,H]
+  u = jnp.einsum("sd,dh->sh", x_sd, w.w_up_edh[0].astype(dt))  # [S,H]
+  y_sd = jnp.einsum("sh,hd->sd", jax.nn.silu(g) * u, w.w_down_ehd[0].astype(dt))  # [S,D]
+  return jnp.einsum("tkd,tk->td", y_sd.reshape(t, k, d), weight_tk.astype(dt))  # [T,D]
+
+
+def naive_onehot_einsum(x_td, idx_tk, weight_tk, w, factor):
+  """GShard: positions by cumsum of one-hots, [T,E,C] dispatch/combine tensors."""
+  (t, d), k = x_td.shape, idx_tk.shape[1]
+  e = w.w_gate_edh.shape[0]
+  cap = max(1, int(np.ceil(factor * t * k / e)))
+  dt = x_td.dtype
+  onehot_ske = jax.nn.one_hot(idx_tk.T.reshape(-1), e, dtype=jnp.int32)  # [K*T,E] slot-major
+  pos_ske = (jnp.cumsum(onehot_ske, axis=0) - 1) * onehot_ske  # [K*T,E]
+  pos_kt = pos_ske.sum(-1).reshape(k, t)
+  keep_kt = pos_kt < cap
+  combine_tec = jnp.zeros((t, e, cap), dt)
+  for j in range(k):  # one [T,E,C] one-hot per slot, as GShard
+    oh_te = jax.nn.one_hot(idx_tk[:, j], e, dtype=dt) * keep_kt[j][:, None]
+    oh_tc = jax.nn.one_hot(pos_kt[j], cap, dtype=dt)
+    combine_tec += (weight_tk[:, j].astype(dt)[:, None, None]
+                    * jnp.einsum("te,tc->tec", oh_te, oh_tc))  # [T,E,C]
+  dispatch_tec = (combine_tec > 0).astype(dt)
+  x_ecd = jnp.einsum("tec,td->ecd", dispatch_tec, x_td)  # [E,C,D]
+  g = jnp.einsum("ecd,edh->ech", x_ecd, w.w_gate_edh.astype(dt))  # [E,C,H]
+  u = jnp.einsum("ecd,edh->ech", x_ecd, w.w_up_edh.astype(dt))  # [E,C,H]
+  y_ecd = jnp.einsum("ech,ehd->ecd", jax.nn.silu(g) * u, w.w_down_ehd.astype(dt))
+  return jnp.einsum("tec,ecd->td", combine_tec, y_ecd)  # [T,D]
+
+
+def naive_ragged_dot(x_td, idx_tk, weight_tk, w):
+  """Sort by expert, take, lax.ragged_dot, segment_sum; XLA's own autodiff."""
+  (t, _), k = x_td.shape, idx_tk.shape[1]
+  e, dt = w.w_gate_edh.shape[0], x_td.dtype
+  flat_s = idx_tk.reshape(-1)
+  order_s = jnp.argsort(flat_s, stable=True)
+  token_s = order_s // k
+  sizes_e = jnp.bincount(flat_s, length=e).astype(jnp.int32)
+  x_sd = jnp.take(x_td, token_s, axis=0)  # [S,D]
+  g = jax.lax.ragged_dot(x_sd, w.w_gate_edh.astype(dt), sizes_e)  # [S,H]
+  u = jax.lax.ragged_dot(x_sd, w.w_up_edh.astype(dt), sizes_e)  # [S,H]
+  y_sd = jax.lax.ragged_dot(jax.nn.silu(g) * u, w.w_down_ehd.astype(dt), sizes_e)
+  y_sd = y_sd * jnp.take(weight_tk.reshape(-1), order_s)[:, None].astype(dt)
+  return jax.ops.segment_sum(y_sd, token_s, num_segments=t)  # [T,D]
+
+
+# ----------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------
+
+def make_inputs(args):
+  """Tokens, routing (softmax of random logits, top-k) and f32 weights."""
+  t, d, e, h, k = args.tokens, args.d_model, args.experts, args.expert_hidden, args.top_k
+  ks = jax.random.split(jax.random.key(args.seed), 9)
+  dt = jnp.dtype(args.dtype)
+  x_td = jax.random.normal(ks[0], (t, d), jnp.float32).astype(dt)
+  scores_te = jax.nn.softmax(jax.random.normal(ks[1], (t, e), jnp.float32), axis=-1)
+  weight_tk, idx_tk = jax.lax.top_k(scores_te, k)
+  std = 0.02
+  experts = dispatch.ExpertWeights(
+      std * jax.random.normal(ks[2], (e, d, h)), std * jax.random.normal(ks[3], (e, d, h)),
+      std * jax.random.normal(ks[4], (e, h, d)))
+  dense_w = (std * jax.random.normal(ks[5], (d, k * h)), std * jax.random.normal(ks[6], (d, k * h)),
+             std * jax.random.normal(ks[7], (k * h, d)))
+  probe_td = jax.random.normal(ks[8], (t, d), jnp.float32).astype(dt)
+  return x_td, idx_tk.astype(jnp.int32), weight_tk, experts, dense_w, probe_td
+
+
+def grad_fn(layer, probe_td):
+  """value_and_grad of <layer(x, idx, weight, params), probe> w.r.t. x, weight, params.
+
+  idx_tk is an argument, not a constant, so the routing work is timed too.
+  """
+  def loss(x_td, weight_tk, params, idx_tk):
+    y_td = layer(x_td, idx_tk, weight_tk, params)
+    return jnp.sum(y_td.astype(jnp.float32) * probe_td.astype(jnp.float32))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def compile_case(fn, operands):
+  """Ahead-of-time compile; returns (run(), temporary memory in MiB)."""
+  compiled = fn.lower(*operands).compile()
+  mem = compiled.memory_analysis()
+  temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+  return (lambda: compiled(*operands)), (temp / 2**20 if temp else float("nan"))
+
+
+def timed(run) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(run())
+  return 1e3 * (time.perf_counter() - t0)
+
+
+def measure_all(runs: dict, reps: dict) -> dict:
+  """One untimed run of each case with > 1 reps, then interleaved rounds.
+
+  Round r times every case that still has reps left, so a change in the load
+  of a shared machine hits all cases alike; returns name -> median ms.
+  """
+  for name, run in runs.items():
+    if reps[name] > 1:
+      jax.block_until_ready(run())
+  times = {name: [] for name in runs}
+  for r in range(max(reps.values())):
+    for name, run in runs.items():
+      if r < reps[name]:
+        times[name].append(timed(run))
+  return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+def cases(args):
+  """name -> (layer(x, idx, weight, params), which params, reps)."""
+  fast, slow = args.reps, args.slow_reps
+
+  def impl(moe):
+    fn = dispatch.get(moe.impl)
+    return lambda x, i, wt, p: fn(x, i, wt, p, moe=moe, train=True).y_td
+
+  bs, cf = args.block_size, args.capacity_factor
+  return {
+      "dense_ffn": (lambda x, i, wt, p: dense_ffn(x, *p), "dense", fast),
+      "flat_expert_ffn": (flat_expert_ffn, "moe", fast),
+      "capacity": (impl(moe_namespace("capacity", capacity_factor=cf)), "moe", fast),
+      "capacity_score": (impl(moe_namespace("capacity", capacity_factor=cf,
+                                            drop_policy="score")), "moe", fast),
+      "dropless_blocked": (impl(moe_namespace("dropless", block_size=bs)), "moe", fast),
+      "dropless_ragged_dot": (impl(moe_namespace("dropless", backend="ragged_dot")), "moe", slow),
+      "naive_onehot_einsum": (lambda x, i, wt, p: naive_onehot_einsum(x, i, wt, p, cf),
+                              "moe", slow),
+      "naive_ragged_dot": (naive_ragged_dot, "moe", slow),
+  }
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--tokens", type=int, default=4096)
+  p.add_argument("--d-model", type=int, default=512)
+  p.add_argument("--experts", type=int, default=64)
+  p.add_argument("--expert-hidden", type=int, default=256)
+  p.add_argument("--top-k", type=int, default=6)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--reps", type=int, default=5, help="timed reps of the fast paths")
+  p.add_argument("--slow-reps", type=int, default=1, help="timed reps of the slow baselines")
+  p.add_argument("--block-size", type=int, default=64)
+  p.add_argument("--capacity-factor", type=float, default=1.25)
+  p.add_argument("--only", default="", help="comma-separated subset of case names")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json", default="", help="write the results to this file")
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  x_td, idx_tk, weight_tk, experts, dense_w, probe_td = make_inputs(args)
+  shape = {k: getattr(args, k) for k in ("tokens", "d_model", "experts", "expert_hidden",
+                                         "top_k", "dtype", "block_size", "capacity_factor")}
+  shape["platform"] = jax.default_backend()
+  print(f"shape {shape}  jax {jax.__version__}", flush=True)
+  only = set(filter(None, args.only.split(",")))
+  runs, reps, temp_mb = {}, {}, {}
+  for name, (layer, which, n) in cases(args).items():
+    if only and name not in only and name != "dense_ffn":
+      continue
+    params = dense_w if which == "dense" else experts
+    runs[name], temp_mb[name] = compile_case(grad_fn(layer, probe_td), (x_td, weight_tk, params, idx_tk))
+    reps[name] = n
+  ms = measure_all(runs, reps)
+  results = {}
+  print(f"{'case':22s} {'ms':>9s} {'x dense':>8s} {'temp MiB':>9s}  reps")
+  for name in runs:
+    results[name] = {"ms": ms[name], "ratio_to_dense": ms[name] / ms["dense_ffn"],
+                     "peak_mb": temp_mb[name], "reps": reps[name]}
+    r = results[name]
+    print(f"{name:22s} {r['ms']:9.1f} {r['ratio_to_dense']:8.2f} {r['peak_mb']:9.1f}  {reps[name]}")
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps({"shape": shape, "results": results}, indent=1))
+  return results
+
+
+if __name__ == "__main__":
+  main()
