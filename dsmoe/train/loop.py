@@ -18,7 +18,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
@@ -29,6 +28,8 @@ from dsmoe.train import checkpoint as checkpoint_lib
 from dsmoe.train import metrics as metrics_lib
 from dsmoe.train import optimizer as optimizer_lib
 from dsmoe.train import step as step_lib
+from dsmoe.train.evaluation import evaluate
+from dsmoe.train.mesh import global_batch, make_mesh
 from dsmoe.train.signals import StopOnSignal
 
 
@@ -51,18 +52,6 @@ class Run:
   @property
   def main(self) -> bool:
     return jax.process_index() == 0
-
-
-def make_mesh() -> Mesh:
-  """One 'data' axis over every device of every process; state replicated."""
-  return Mesh(np.array(jax.devices()), ("data",))
-
-
-def global_batch(batch: dict, mesh: Mesh) -> dict:
-  """This process's numpy rows -> global jax.Arrays sharded on 'data'."""
-  sharding = NamedSharding(mesh, P("data"))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
 
 
 def _check_batch(config, mesh: Mesh) -> None:
@@ -127,6 +116,8 @@ def _train(run: Run, state, data_iter, stop: StopOnSignal):
       run.writer.write(record)
       bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
       clock, tokens = now, 0.0
+    if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+      run.writer.write({"step": step, **evaluate(run.config, run.graphdef, state, run.mesh)})
     if step % t.checkpoint_every == 0 or step == t.steps:
       _save(run, step, state, data_iter)
     if stop.requested():
@@ -135,19 +126,6 @@ def _train(run: Run, state, data_iter, stop: StopOnSignal):
       return state, True
   bar.close()
   return state, False
-
-
-def evaluate(config, graphdef, state, mesh, *, eval_fn=None) -> dict:
-  """Loss and perplexity over the first `train.eval_batches` validation batches."""
-  eval_fn = eval_fn or step_lib.jit_eval_step(graphdef)
-  it = iter(make_loader(config, "validation"))
-  ce_sum, n = 0.0, 0.0
-  for _ in range(config.train.eval_batches):
-    out = jax.device_get(eval_fn(state["params"], state["rest"], global_batch(next(it), mesh)))
-    ce_sum, n = ce_sum + float(out["ce_sum"]), n + float(out["tokens"])
-  loss = ce_sum / max(n, 1.0)
-  return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 80.0))),
-          "eval_tokens": n}
 
 
 def _finish(run: Run, state, stopped: StopOnSignal | None) -> dict:

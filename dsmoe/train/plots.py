@@ -38,7 +38,8 @@ def plot_run(workdir: str) -> str:
     ax = axes[0, 1 + layer]
     load_se = np.array([r["expert_load"][layer] for r in loads])  # [log steps, E]
     im = ax.imshow(load_se.T, aspect="auto", origin="lower", cmap="viridis",
-                   extent=(loads[0]["step"], loads[-1]["step"], -0.5, load_se.shape[1] - 0.5))
+                   extent=(loads[0]["step"] - 0.5, loads[-1]["step"] + 0.5, -0.5,
+                           load_se.shape[1] - 0.5))
     ax.set_title(f"MoE layer {layer}: fraction of tokens per expert")
     ax.set_xlabel("step")
     ax.set_ylabel("routed expert")
