@@ -102,7 +102,7 @@ class Checkpoints:
     self.manager.close()
 
   def restore(self, abstract_state, step: int | None = None):
-    """(state, this process's data state) of `step` (default: latest).
+    """(state, list of every process's data state) of `step` (default: latest).
 
     Raises CheckpointError when the checkpoint is missing, unreadable or its
     arrays do not match `abstract_state` (from the config).
@@ -126,10 +126,11 @@ class Checkpoints:
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f"checkpoint {where} cannot be restored (truncated or "
                             f"corrupt?): {type(e).__name__}: {e}") from e
-    return out["state"], _data_for_this_process(out["data"], where)
+    return out["state"], out["data"]
 
 
-def _data_for_this_process(data, where: str):
+def data_state_for_this_process(data, where: str):
+  """This process's entry of a checkpoint's data states (same process count)."""
   if not isinstance(data, list) or len(data) != jax.process_count():
     n = len(data) if isinstance(data, list) else "?"
     raise CheckpointError(f"checkpoint {where} holds data-iterator states of {n} "

@@ -70,9 +70,10 @@ def init_or_restore(config, tx, ckpts, mesh, data_iter, step: int | None = None)
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                         shapes)
   if step is not None or ckpts.latest_step() is not None:
-    state, data_state = ckpts.restore(shapes, step)
+    state, data_states = ckpts.restore(shapes, step)
     if data_iter is not None:
-      data_iter.set_state(data_state)
+      where = ckpts.path(int(state["step"]))
+      data_iter.set_state(checkpoint_lib.data_state_for_this_process(data_states, where))
     return graphdef, state
   init = jax.jit(lambda: step_lib.init_state(config, tx)[1], out_shardings=replicated)
   return graphdef, init()

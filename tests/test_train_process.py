@@ -1,0 +1,208 @@
+"""Trainer tests that run scripts/train.py and scripts/evaluate.py as processes:
+exact resume after SIGKILL, SIGTERM saves and exits 0, two CPU processes with
+jax.distributed equal one process, evaluate.py on a saved run."""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from test_train import SMALL, read_losses, small_config
+
+STEPS = 16
+RUN = {"train.steps": STEPS, "train.checkpoint_every": 4}
+
+
+def _cmd(script, workdir, overrides, *extra):
+  flags = [f"--config.{k}={v}" for k, v in {**SMALL, **overrides}.items()]
+  return [sys.executable, str(ROOT / "scripts" / script), f"--config={ROOT}/configs/tiny.py",
+          f"--workdir={workdir}", *flags, *extra]
+
+
+def _env():
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def _start(workdir, overrides, *extra, log=None):
+  log = open(log or f"{workdir}.log", "w")
+  return subprocess.Popen(_cmd("train.py", workdir, overrides, *extra), cwd=ROOT,
+                          env=_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish(proc, timeout=400):
+  try:
+    return proc.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+  path = os.path.join(workdir, "metrics.jsonl")
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if proc.poll() is not None:
+      return
+    if os.path.exists(path):
+      with open(path) as f:
+        steps = [json.loads(l)["step"] for l in f if l.endswith("\n")]
+      if steps and steps[-1] >= step:
+        return
+    time.sleep(0.02)
+  proc.kill()
+  raise TimeoutError(f"no step {step} in {path}")
+
+
+def _train(workdir, overrides=RUN, *extra):
+  rc = _finish(_start(workdir, overrides, *extra))
+  assert rc == 0, open(f"{workdir}.log").read()[-3000:]
+
+
+def _params(workdir, step):
+  from dsmoe import config as config_lib
+  from dsmoe.train import checkpoint, loop, optimizer
+  config = config_lib.resolve(small_config(**RUN))
+  tx = optimizer.make_optimizer(config.train)
+  ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+  _, state = loop.init_or_restore(config, tx, ckpts, loop.make_mesh(), None, step)
+  return jax.device_get(state["params"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run of STEPS steps."""
+  workdir = tmp_path_factory.mktemp("reference") / "run"
+  _train(workdir)
+  return workdir
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_exact(reference, tmp_path):
+  kill_at = random.randint(2, STEPS - 3)
+  print(f"killing at step {kill_at}")
+  workdir = tmp_path / "run"
+  proc = _start(workdir, RUN)
+  _wait_for_step(workdir, kill_at, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert max(s for s, _ in read_losses(workdir)) < STEPS, "finished before the kill"
+  _train(workdir)  # resumes from the latest complete checkpoint
+  assert read_losses(workdir) == read_losses(reference)
+  got, want = _params(workdir, STEPS), _params(reference, STEPS)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_0(tmp_path):
+  workdir = tmp_path / "run"
+  proc = _start(workdir, {"train.steps": 100000, "train.checkpoint_every": 1000})
+  _wait_for_step(workdir, 2, proc)
+  proc.send_signal(signal.SIGTERM)
+  assert _finish(proc, timeout=120) == 0
+  out = open(f"{workdir}.log").read()
+  from dsmoe.train.checkpoint import Checkpoints
+  last = Checkpoints(workdir, read_only=True).latest_step()
+  assert last is not None and last >= 2
+  assert f"SIGTERM: stopped after step {last}; saved checkpoint {workdir}/checkpoints/{last}" in out
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+# Runs a script with a loader that draws each *global* batch from one seeded
+# generator and hands process i its rows, so 1 and 2 processes see the same
+# global batches (the real pipeline shards documents per process instead).
+SAME_GLOBAL_BATCH = """
+import runpy, sys
+import numpy as np
+from dsmoe.train import evaluation, loop
+
+class It:
+  def __init__(self, config, split, pi, pc):
+    self.b, self.l = config.train.batch_size, config.data.seq_len
+    self.v, self.pi, self.pc, self.step = config.model.vocab_size, pi, pc, 0
+    self.seed = 1 + (split != "train")
+  def get_state(self): return {"step": self.step}
+  def set_state(self, s): self.step = s["step"]
+  def __iter__(self): return self
+  def __next__(self):
+    rows = np.random.default_rng([self.seed, self.step]).integers(
+        0, self.v // 8, (self.b, self.l + 1), dtype=np.int32)
+    rows = rows[self.pi * self.b // self.pc:(self.pi + 1) * self.b // self.pc]
+    self.step += 1
+    return {"inputs": rows[:, :-1], "targets": rows[:, 1:] // 2,
+            "segment_ids": np.ones_like(rows[:, 1:])}
+
+def make_loader(config, split="train", *, process_index=None, process_count=None):
+  import jax
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  return type("L", (), {"__iter__": lambda self: It(config, split, pi, pc)})()
+
+loop.make_loader = evaluation.make_loader = make_loader
+script = sys.argv.pop(1)
+sys.argv[0] = script
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def _start_same_batches(tmp_path, workdir, *extra, log):
+  launcher = tmp_path / "same_global_batch.py"
+  launcher.write_text(SAME_GLOBAL_BATCH)
+  cmd = _cmd("train.py", workdir, RUN, *extra)
+  cmd.insert(1, str(launcher))
+  return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=open(log, "w"),
+                          stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+  one = tmp_path / "one"
+  assert _finish(_start_same_batches(tmp_path, one, log=f"{one}.log")) == 0, \
+      open(f"{one}.log").read()[-3000:]
+  two = tmp_path / "two"
+  port = _free_port()
+  procs = [_start_same_batches(tmp_path, two, f"--coordinator_address=127.0.0.1:{port}",
+                               "--num_processes=2", f"--process_id={i}", log=f"{two}.{i}.log")
+           for i in range(2)]
+  rcs = [_finish(p) for p in procs]
+  assert rcs == [0, 0], open(f"{two}.0.log").read()[-3000:] + open(f"{two}.1.log").read()[-3000:]
+  assert "2 processes" in open(f"{two}.0.log").read()
+  got, want = read_losses(two), read_losses(one)
+  assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+               _params(two, STEPS), _params(one, STEPS))
+
+
+@pytest.mark.slow
+def test_evaluate_script_on_a_saved_run(reference):
+  res = subprocess.run(_cmd("evaluate.py", reference, RUN, f"--step={STEPS}"), cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  with open(reference / f"eval_step{STEPS}.json") as f:
+    result = json.load(f)
+  with open(reference / "metrics.jsonl") as f:
+    final = [json.loads(l) for l in f][-1]
+  assert result["step"] == STEPS
+  assert result["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-6)
+  assert result["eval_perplexity"] == pytest.approx(np.exp(result["eval_loss"]), rel=1e-6)
+
+
+def test_evaluate_script_without_checkpoints_is_one_error(tmp_path):
+  res = subprocess.run(_cmd("evaluate.py", tmp_path, RUN), cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 1
+  assert f"no checkpoints in {tmp_path}/checkpoints" in res.stderr
