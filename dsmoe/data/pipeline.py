@@ -50,7 +50,7 @@ def make_tokenizer(config, source: sources.Source | None = None):
         d.vocab_size, pad_id=d.pad_id, bos_id=d.bos_id, eos_id=d.eos_id,
         sample_bytes=d.tokenizer_sample_bytes)
   if tok.vocab_size > config.model.vocab_size:
-    hint = (f"data.tokenizer='bytes' needs model.vocab_size >= 256" if d.tokenizer == "bytes"
+    hint = ("data.tokenizer='bytes' needs model.vocab_size >= 256" if d.tokenizer == "bytes"
             else f"set data.vocab_size <= {config.model.vocab_size}, or "
                  "data.tokenizer='bytes' (256)")
     raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than "
