@@ -14,6 +14,7 @@ import socket
 import grain
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from dsmoe.config import base_config, validate_data
 from dsmoe.data import make_loader, make_tokenizer
@@ -341,3 +342,34 @@ def test_validate_data_rules(key, value, match):
   d[key] = value
   with pytest.raises(ValueError, match=match):
     validate_data(d)
+
+
+# ---------------------------------------------------------------- named datasets
+
+class DsmoeTestLines(tfds.core.GeneratorBasedBuilder):
+  """A registered TFDS dataset prepared offline in the test (stands in for lm1b)."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {"sentence": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(0, 40), "test": self._generate_examples(40, 50)}
+
+  def _generate_examples(self, lo, hi):
+    for i in range(lo, hi):
+      yield i, {"sentence": f"sentence number {i} é"}
+
+
+def test_prepared_named_dataset_is_read(tmp_path):
+  data_dir = str(tmp_path / "cache")
+  DsmoeTestLines(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  c = make_config(tmp_path, "", tfds_name="dsmoe_test_lines", text_key="sentence")
+  for split, ids in (("train", range(0, 40)), ("validation", range(40, 50))):  # test
+    batches = take(iter(make_loader(c, split, process_index=0, process_count=1)), 30)
+    docs = set(stream_documents([r for b in batches for r in b["inputs"]]))
+    assert docs == {f"sentence number {i} é" for i in ids}
+  c.data.text_key = "text"
+  with pytest.raises(ValueError, match=r"data.text_key='text'.*\['sentence'\]"):
+    make_loader(c, process_index=0, process_count=1)
