@@ -9,10 +9,9 @@ Steps:
      slots; "score" = higher gate weight first, as DeepSeek-V2); pairs of
      rank >= C are dropped: they skip the routed experts (the caller still
      adds the residual and the shared experts);
-  3. permute: index gather into the buffer x_ecd [E, C, D] (never a one-hot);
-  4. SwiGLU of each buffer with its expert: batched matmuls over E;
-  5. combine: gather each pair's row back (dropped pairs read 0) and sum
-     with the gate weights.
+  3. the E buffers are the blocks of the blocked loop (gmm_blocked.py): per
+     expert, gather its (at most C) token rows by index (never a one-hot),
+     SwiGLU, scatter-add gate * output into y_td; empty rows have gate 0.
 
 Returns the dropped fraction = dropped pairs / (T * K).
 """
@@ -25,28 +24,20 @@ import jax.numpy as jnp
 from dsmoe.dispatch import dropless
 from dsmoe.dispatch import layout as layout_lib
 from dsmoe.dispatch.common import DispatchResult, ExpertWeights
-from dsmoe.dispatch.permute import combine, permute
-
-
-def batched_swiglu(x_ecd, w: ExpertWeights):
-  """SwiGLU of buffer e with expert e: [E, C, D] -> [E, C, D]."""
-  g = jnp.einsum("ecd,edh->ech", x_ecd, w.w_gate_edh)  # [E,C,H]
-  u = jnp.einsum("ecd,edh->ech", x_ecd, w.w_up_edh)  # [E,C,H]
-  return jnp.einsum("ech,ehd->ecd", jax.nn.silu(g) * u, w.w_down_ehd)  # [E,C,D]
+from dsmoe.dispatch.gmm_blocked import blocked_moe
 
 
 def dispatch_with(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, factor: float,
                   policy: str) -> DispatchResult:
   """Capacity dispatch with an explicit factor (> 0) and drop policy."""
-  (t, d), k = x_td.shape, idx_tk.shape[1]
+  t, k = x_td.shape[0], idx_tk.shape[1]
   num_experts = experts.w_gate_edh.shape[0]
   cap = layout_lib.capacity(t, k, num_experts, factor)
   lay = layout_lib.capacity_layout(idx_tk, weight_tk, num_experts, cap, policy)
-  x_pd = permute(x_td, lay.token_p, lay.row_tk, True)  # [E*C,D]
-  y_ecd = batched_swiglu(x_pd.reshape(num_experts, cap, d),
-                         dropless.cast(experts, x_td.dtype))  # [E,C,D]
-  y_td = combine(y_ecd.reshape(-1, d), weight_tk, lay.row_tk, lay.token_p,
-                 lay.pair_p, True)  # [T,D]
+  weight_p = dropless.gate_per_row(weight_tk, lay.pair_p)  # [E*C]; 0: empty row
+  buffer_expert_e = jnp.arange(num_experts, dtype=jnp.int32)  # one block per buffer
+  y_td = blocked_moe(x_td, weight_p, dropless.cast(experts, x_td.dtype), lay.token_p,
+                     buffer_expert_e, num_experts)  # [T,D]
   return DispatchResult(y_td, lay.dropped / (t * k))
 
 

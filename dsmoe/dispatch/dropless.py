@@ -3,15 +3,14 @@
 Steps:
   1. layout: the T*K pairs sorted by expert (stable); for the "blocked"
      backend each expert's rows are padded to a multiple of `moe.block_size`;
-  2. permute: gather the token rows into that order, x_pd [P, D];
-  3. grouped SwiGLU: rows of expert e use expert e's weights
-     ("blocked": a loop over single-expert blocks; "ragged_dot": lax.ragged_dot);
-  4. combine: gather each pair's row back and sum with the gate weights,
-     y_td = sum_k weight_tk * y_pd[row_tk].
+  2. "blocked" (gmm_blocked.py): one loop over the single-expert blocks that
+     gathers each block's token rows, runs the expert's SwiGLU and
+     scatter-adds gate * output into y_td, with a hand-written backward loop;
+  2'. "ragged_dot": permute the token rows into a buffer x_pd [T*K, D],
+     lax.ragged_dot SwiGLU, then combine: gather each pair's row back and sum
+     with the gate weights (gather-only backwards, see permute.py).
 
-No token is ever dropped and every shape is static. Steps 2 and 4 have
-gather-only backwards (see permute.py); step 3's "blocked" backward is a
-hand-written loop (see gmm_blocked.py).
+No token is ever dropped and every shape is static.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 
 from dsmoe.dispatch import layout as layout_lib
 from dsmoe.dispatch.common import DispatchResult, ExpertWeights, no_drops
-from dsmoe.dispatch.gmm_blocked import blocked_swiglu
+from dsmoe.dispatch.gmm_blocked import blocked_moe
 from dsmoe.dispatch.permute import combine, permute
 
 BACKENDS = ("ragged_dot", "blocked")
@@ -35,6 +34,11 @@ def auto_backend(platform: str | None = None) -> str:
   """
   platform = platform or jax.default_backend()
   return "ragged_dot" if platform == "tpu" else "blocked"
+
+
+def gate_per_row(weight_tk, pair_p):
+  """weight_p [P]: the gate of each buffer row's pair; 0 for padding rows."""
+  return weight_tk.reshape(-1).at[pair_p].get(mode="fill", fill_value=0)
 
 
 def cast(experts: ExpertWeights, dtype) -> ExpertWeights:
@@ -56,14 +60,15 @@ def dispatch_with(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, backend: s
                      f"in XLA; use one of {list(BACKENDS)}")
   num_experts = experts.w_gate_edh.shape[0]
   w = cast(experts, x_td.dtype)
-  block = block_size if backend == "blocked" else 1
-  lay = layout_lib.blocked_layout(idx_tk, num_experts, block)
-  x_pd = permute(x_td, lay.token_p, lay.row_tk, False)  # [P,D]
   if backend == "blocked":
-    y_pd = blocked_swiglu(x_pd, w, lay.block_expert_b, lay.num_blocks)  # [P,D]
-  else:
-    sizes_e = jnp.bincount(idx_tk.reshape(-1), length=num_experts).astype(jnp.int32)
-    y_pd = ragged_swiglu(x_pd, sizes_e, w)  # [P,D]
+    lay = layout_lib.blocked_layout(idx_tk, num_experts, block_size)
+    weight_p = gate_per_row(weight_tk, lay.pair_p)  # [P]
+    y_td = blocked_moe(x_td, weight_p, w, lay.token_p, lay.block_expert_b, lay.num_blocks)
+    return DispatchResult(y_td, no_drops())
+  lay = layout_lib.blocked_layout(idx_tk, num_experts, 1)  # sorted, no padding
+  x_pd = permute(x_td, lay.token_p, lay.row_tk, False)  # [P=S,D]
+  sizes_e = jnp.bincount(idx_tk.reshape(-1), length=num_experts).astype(jnp.int32)
+  y_pd = ragged_swiglu(x_pd, sizes_e, w)  # [P,D]
   y_td = combine(y_pd, weight_tk, lay.row_tk, lay.token_p, lay.pair_p, False)  # [T,D]
   return DispatchResult(y_td, no_drops())
 

@@ -1,16 +1,24 @@
-"""Blocked grouped SwiGLU in plain XLA: a loop over blocks of one expert each.
+"""Blocked MoE in plain XLA: one loop over single-expert blocks of rows.
 
-The rows x_pd [P = NB * B, D] are sorted by expert and padded so that block b
-(rows b*B .. b*B+B-1) belongs to expert block_expert_b[b]. A loop over the
-`num_blocks` used blocks runs, per block, three ordinary [B, D] x [D, H]
-matmuls with that expert's weights, read in place (no [NB, D, H] weight
-gather, no one-hot, no densified ragged_dot). Blocks past `num_blocks` are
-skipped (the loop bound is dynamic) and stay zero.
+The layout (layout.py) assigns every kept (token, slot) pair a row of a
+virtual buffer of P = NB * B rows, sorted by expert, such that block b (rows
+b*B .. b*B+B-1) belongs to expert block_expert_b[b]; token_p [P] and
+weight_p [P] give each row's token and gate (0 for padding and dropped rows).
 
-The backward is a second loop (custom_vjp): per block it recomputes nothing
-(the forward saves the gate and up activations g, u [P, H]), produces
-dx for the block and accumulates the three weight gradients of its expert
-in float32 in place.
+The buffer is never materialised. A loop over the `num_blocks` used blocks
+does, per block:
+
+  1. gather its B token rows from x_td (they stay in cache);
+  2. SwiGLU with the block's expert, read in place: three [B, D] x [D, H]
+     matmuls (no [NB, D, H] weight gather, no one-hot, no densified ragged_dot);
+  3. scatter-add gate * output rows into y_td (in place).
+
+This moves no [T*K, D] array through memory, only x_td, y_td and the
+[P, H] activations; on a bandwidth-bound CPU that is most of the cost of a
+dispatch. The backward (custom_vjp) is a second loop: per block it gathers
+dy rows, computes dx rows (scatter-added into dx_td), the gate gradients
+<SwiGLU(x), dy> and the three weight gradients of its expert, accumulated
+in float32 in place. The forward saves only the gate/up activations g, u.
 """
 
 from __future__ import annotations
@@ -35,72 +43,85 @@ def _mm(a, b, dims):
   return lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=jnp.float32)
 
 
-def _forward(x_bsd, w: ExpertWeights, block_expert_b, num_blocks):
-  """Loop over used blocks: y = (silu(x Wg) * (x Wu)) Wd with expert e_b."""
-  nb, bs, d = x_bsd.shape
-  h = w.w_gate_edh.shape[-1]
-  dt = x_bsd.dtype
+def _block_rows(token_bs, weight_bs, x_td, b):
+  """Token ids [B], gates [B] and gathered rows [B, D] of block b."""
+  tok_s = _at(token_bs, b)
+  return tok_s, _at(weight_bs, b), x_td.at[tok_s].get(mode="promise_in_bounds")
+
+
+def _forward(x_td, weight_bs, w: ExpertWeights, token_bs, block_expert_b, num_blocks):
+  """Loop over used blocks: y_td[tok] += gate * SwiGLU_e(x_td[tok])."""
+  (t, d), (nb, bs) = x_td.shape, token_bs.shape
+  h, dt = w.w_gate_edh.shape[-1], x_td.dtype
 
   def body(b, carry):
-    y_bsd, g_bsh, u_bsh = carry
-    e, x_sd = block_expert_b[b], _at(x_bsd, b)
+    y_td, g_bsh, u_bsh = carry
+    e = block_expert_b[b]
+    tok_s, gate_s, x_sd = _block_rows(token_bs, weight_bs, x_td, b)
     g_sh = _mm(x_sd, _at(w.w_gate_edh, e), ((1,), (0,))).astype(dt)  # [B,H]
     u_sh = _mm(x_sd, _at(w.w_up_edh, e), ((1,), (0,))).astype(dt)  # [B,H]
-    a_sh = jax.nn.silu(g_sh) * u_sh
-    y_sd = _mm(a_sh, _at(w.w_down_ehd, e), ((1,), (0,)))  # [B,D]
-    return _put(y_bsd, y_sd, b), _put(g_bsh, g_sh, b), _put(u_bsh, u_sh, b)
+    y_sd = _mm(jax.nn.silu(g_sh) * u_sh, _at(w.w_down_ehd, e), ((1,), (0,)))  # [B,D]
+    y_td = y_td.at[tok_s].add(y_sd * gate_s[:, None], mode="promise_in_bounds")
+    return y_td, _put(g_bsh, g_sh, b), _put(u_bsh, u_sh, b)
 
-  init = (jnp.zeros((nb, bs, d), dt), jnp.zeros((nb, bs, h), dt), jnp.zeros((nb, bs, h), dt))
+  init = (jnp.zeros((t, d), jnp.float32), jnp.zeros((nb, bs, h), dt), jnp.zeros((nb, bs, h), dt))
   return lax.fori_loop(0, num_blocks, body, init)
 
 
 @jax.custom_vjp
-def blocked_swiglu(x_pd, w: ExpertWeights, block_expert_b, num_blocks):
-  """SwiGLU of each row with its block's expert: [P, D] -> [P, D]."""
+def blocked_moe(x_td, weight_p, w: ExpertWeights, token_p, block_expert_b, num_blocks):
+  """y_td = sum over rows p of weight_p[p] * SwiGLU_{expert(p)}(x_td[token_p[p]])."""
   nb = block_expert_b.shape[0]
-  x_bsd = x_pd.reshape(nb, -1, x_pd.shape[-1])
-  y_bsd, _, _ = _forward(x_bsd, w, block_expert_b, num_blocks)
-  return y_bsd.reshape(x_pd.shape)
+  y_td, _, _ = _forward(x_td, weight_p.reshape(nb, -1), w, token_p.reshape(nb, -1),
+                        block_expert_b, num_blocks)
+  return y_td.astype(x_td.dtype)
 
 
-def _fwd(x_pd, w, block_expert_b, num_blocks):
+def _fwd(x_td, weight_p, w, token_p, block_expert_b, num_blocks):
   nb = block_expert_b.shape[0]
-  x_bsd = x_pd.reshape(nb, -1, x_pd.shape[-1])
-  y_bsd, g_bsh, u_bsh = _forward(x_bsd, w, block_expert_b, num_blocks)
-  return y_bsd.reshape(x_pd.shape), (x_bsd, w, block_expert_b, num_blocks, g_bsh, u_bsh)
+  weight_bs, token_bs = weight_p.reshape(nb, -1), token_p.reshape(nb, -1)
+  y_td, g_bsh, u_bsh = _forward(x_td, weight_bs, w, token_bs, block_expert_b, num_blocks)
+  res = (x_td, weight_bs, w, token_bs, block_expert_b, num_blocks, g_bsh, u_bsh)
+  return y_td.astype(x_td.dtype), res
 
 
-def _bwd(res, dy_pd):
-  """Per block: da = dy Wd^T; dg, du from the SwiGLU; dx; dW += x^T d*, a^T dy."""
-  x_bsd, w, block_expert_b, num_blocks, g_bsh, u_bsh = res
-  dt = x_bsd.dtype
-  dy_bsd = dy_pd.reshape(x_bsd.shape).astype(dt)
+def _bwd(res, dy_td):
+  """Per block: da = gate * dy Wd^T; dgate = <SwiGLU, dy Wd^T>; dg, du; dx; dW."""
+  x_td, weight_bs, w, token_bs, block_expert_b, num_blocks, g_bsh, u_bsh = res
+  dt, f32 = x_td.dtype, jnp.float32
+  dy_td = dy_td.astype(dt)
 
   def body(b, carry):
-    dx_bsd, dwg, dwu, dwd = carry
-    e, x_sd, dy_sd = block_expert_b[b], _at(x_bsd, b), _at(dy_bsd, b)
-    g_sh = _at(g_bsh, b).astype(jnp.float32)
-    u_sh = _at(u_bsh, b).astype(jnp.float32)
+    dx_td, dgate_bs, dwg, dwu, dwd = carry
+    e = block_expert_b[b]
+    tok_s, gate_s, x_sd = _block_rows(token_bs, weight_bs, x_td, b)
+    dy_sd = dy_td.at[tok_s].get(mode="promise_in_bounds")  # [B,D]
+    g_sh, u_sh = _at(g_bsh, b).astype(f32), _at(u_bsh, b).astype(f32)
     sig_sh = jax.nn.sigmoid(g_sh)
     silu_sh = g_sh * sig_sh
-    a_sh = (silu_sh * u_sh).astype(dt)
-    da_sh = _mm(dy_sd, _at(w.w_down_ehd, e), ((1,), (1,)))  # [B,H]
+    a_sh = silu_sh * u_sh
+    da_sh = _mm(dy_sd, _at(w.w_down_ehd, e), ((1,), (1,)))  # [B,H], before the gate
+    dgate_bs = _put(dgate_bs, jnp.sum(a_sh * da_sh, axis=-1), b)  # [B]
+    da_sh = da_sh * gate_s[:, None]
     dg_sh = (da_sh * u_sh * sig_sh * (1 + g_sh * (1 - sig_sh))).astype(dt)
     du_sh = (da_sh * silu_sh).astype(dt)
     dx_sd = (_mm(dg_sh, _at(w.w_gate_edh, e), ((1,), (1,)))
              + _mm(du_sh, _at(w.w_up_edh, e), ((1,), (1,))))  # [B,D]
+    dx_td = dx_td.at[tok_s].add(dx_sd, mode="promise_in_bounds")
     dwg = _put(dwg, _at(dwg, e) + _mm(x_sd, dg_sh, ((0,), (0,))), e)  # [D,H]
     dwu = _put(dwu, _at(dwu, e) + _mm(x_sd, du_sh, ((0,), (0,))), e)  # [D,H]
-    dwd = _put(dwd, _at(dwd, e) + _mm(a_sh, dy_sd, ((0,), (0,))), e)  # [H,D]
-    return _put(dx_bsd, dx_sd, b), dwg, dwu, dwd
+    aw_sh = (a_sh * gate_s[:, None]).astype(dt)
+    dwd = _put(dwd, _at(dwd, e) + _mm(aw_sh, dy_sd, ((0,), (0,))), e)  # [H,D]
+    return dx_td, dgate_bs, dwg, dwu, dwd
 
-  f32 = jnp.float32
-  init = (jnp.zeros_like(x_bsd), jnp.zeros(w.w_gate_edh.shape, f32),
-          jnp.zeros(w.w_up_edh.shape, f32), jnp.zeros(w.w_down_ehd.shape, f32))
-  dx_bsd, dwg, dwu, dwd = lax.fori_loop(0, num_blocks, body, init)
+  init = (jnp.zeros(x_td.shape, f32), jnp.zeros(weight_bs.shape, f32),
+          jnp.zeros(w.w_gate_edh.shape, f32), jnp.zeros(w.w_up_edh.shape, f32),
+          jnp.zeros(w.w_down_ehd.shape, f32))
+  dx_td, dgate_bs, dwg, dwu, dwd = lax.fori_loop(0, num_blocks, body, init)
   dw = ExpertWeights(dwg.astype(w.w_gate_edh.dtype), dwu.astype(w.w_up_edh.dtype),
                      dwd.astype(w.w_down_ehd.dtype))
-  return dx_bsd.reshape(dy_pd.shape), dw, None, None
+  return (dx_td.astype(dt), dgate_bs.reshape(-1).astype(weight_bs.dtype), dw,
+          None, None, None)
 
 
-blocked_swiglu.defvjp(_fwd, _bwd)
+blocked_moe.defvjp(_fwd, _bwd)
