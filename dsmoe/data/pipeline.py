@@ -36,27 +36,30 @@ SAMPLE_DOCS = 100_000  # at most this many documents are read to train a tokeniz
 def make_tokenizer(config, source: sources.Source | None = None):
   """The tokenizer chosen by `config.data` (SentencePiece is trained once, cached).
 
-  Raises ValueError if its vocabulary does not fit ``config.model.vocab_size``.
+  Raises ValueError, before any training, if its vocabulary does not fit
+  ``config.model.vocab_size``.
   """
   d = config.data
+  _check_fits(d.tokenizer, 256 if d.tokenizer == "bytes" else d.vocab_size,
+              config.model.vocab_size)
   if d.tokenizer == "bytes":
-    tok = tok_lib.ByteTokenizer()
-  elif d.tokenizer_path:
-    tok = tok_lib.load_sentencepiece(d.tokenizer_path, d.vocab_size)
-  else:
-    source = source or sources.open_source(d)
-    tok = tok_lib.cached_sentencepiece(
-        tokenizer_cache_path(d, source), lambda: sample_texts(source, d),
-        d.vocab_size, pad_id=d.pad_id, bos_id=d.bos_id, eos_id=d.eos_id,
-        sample_bytes=d.tokenizer_sample_bytes)
-  if tok.vocab_size > config.model.vocab_size:
-    hint = ("data.tokenizer='bytes' needs model.vocab_size >= 256" if d.tokenizer == "bytes"
-            else f"set data.vocab_size <= {config.model.vocab_size}, or "
-                 "data.tokenizer='bytes' (256)")
-    raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than "
-                     f"the tokenizer's vocabulary ({tok.vocab_size}, data.tokenizer="
-                     f"{d.tokenizer!r}): {hint}")
-  return tok
+    return tok_lib.ByteTokenizer()
+  if d.tokenizer_path:
+    return tok_lib.load_sentencepiece(d.tokenizer_path, d.vocab_size)
+  source = source or sources.open_source(d)
+  return tok_lib.cached_sentencepiece(
+      tokenizer_cache_path(d, source), lambda: sample_texts(source, d),
+      d.vocab_size, pad_id=d.pad_id, bos_id=d.bos_id, eos_id=d.eos_id,
+      sample_bytes=d.tokenizer_sample_bytes)
+
+
+def _check_fits(tokenizer: str, size: int, model_vocab: int) -> None:
+  if size > model_vocab:
+    raise ValueError(
+        f"model.vocab_size={model_vocab} is smaller than the tokenizer's vocabulary "
+        f"({size}, data.tokenizer={tokenizer!r}): raise model.vocab_size, set "
+        f"data.vocab_size <= {model_vocab} (SentencePiece needs >= 300), or use "
+        "data.tokenizer='bytes' (256 tokens)")
 
 
 def tokenizer_cache_path(d, source: sources.Source) -> str:
