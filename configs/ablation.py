@@ -57,6 +57,7 @@ def get_config(arg=None):
     m.moe.router = router
     m.moe.fine_grained.update(dict(N=n, m=seg, K=k, K_s=ks, ffn_hidden=ffn))
   c.data.seq_len = 128
+  c.data.tokenizer = "bytes"
   c.train.steps = 300
   c.train.batch_size = 16
   c.train.learning_rate = 3e-3

@@ -29,6 +29,7 @@ def get_config(arg=None):
   m.moe.device_balance_alpha, m.moe.num_device_groups = 0.05, 4
   m.init_std = 0.006
   c.data.seq_len = 4096
+  c.data.vocab_size = 102_400  # bring the tokenizer: --config.data.tokenizer_path
   c.train.batch_size = 4608
   c.train.steps = 13_000
   c.train.learning_rate = 3.0e-4

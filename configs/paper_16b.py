@@ -26,6 +26,7 @@ def get_config(arg=None):
   m.moe.aux_loss_alpha, m.moe.seq_aux = 0.001, True
   m.init_std = 0.006
   c.data.seq_len = 4096
+  c.data.vocab_size = 102_400  # bring the tokenizer: --config.data.tokenizer_path
   c.train.batch_size = 4608
   c.train.steps = 106_449
   c.train.learning_rate = 4.2e-4

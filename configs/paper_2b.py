@@ -36,6 +36,7 @@ def get_config(arg=None):
     m.d_model, m.num_layers, m.num_heads, m.head_dim = 128, 2, 2, 64
     m.moe.fine_grained.ffn_hidden = m.dense_hidden = 352
     m.vocab_size = 256
+    c.data.tokenizer = "bytes"
     c.data.seq_len, c.train.batch_size, c.train.steps = 128, 8, 50
     c.train.warmup_steps = 10
   return c

@@ -66,8 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.seq_aux = True  # expert balance computed per sequence (released 16B)
   e.device_balance_alpha = 0.0  # a2, device-level balance
   e.num_device_groups = 1  # D groups of consecutive routed experts
-  e.impl = "dropless"  # "dense" (reference), "dropless", "capacity", "auto"
-  e.gmm_backend = "ragged_dot"  # dropless grouped matmul backend
+  e.impl = "auto"  # "dense" (reference), "dropless", "capacity", "auto"
+  e.gmm_backend = "blocked"  # dropless grouped matmul backend ("auto" picks its own)
   e.block_size = 64  # token block of the "blocked" backend
   e.capacity_factor = 1.25  # capacity = factor * tokens * top_k / experts
   e.eval_capacity_factor = 0.0  # 0: never drop at evaluation
