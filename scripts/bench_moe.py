@@ -226,7 +226,7 @@ def parse_args(argv=None):
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--reps", type=int, default=5, help="timed reps of the fast paths")
   p.add_argument("--slow-reps", type=int, default=1, help="timed reps of the slow baselines")
-  p.add_argument("--block-size", type=int, default=64)
+  p.add_argument("--block-size", type=int, default=128)
   p.add_argument("--capacity-factor", type=float, default=1.25)
   p.add_argument("--only", default="", help="comma-separated subset of case names")
   p.add_argument("--seed", type=int, default=0)

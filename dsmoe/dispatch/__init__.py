@@ -21,7 +21,8 @@ Implementations (`moe.impl`):
             or "ragged_dot"; "pallas" is milestone M3);
   auto      dropless with the best backend for the platform: "ragged_dot" on
             TPU (native grouped matmul), "blocked" elsewhere (XLA's ragged_dot
-            densifies on CPU).
+            densifies on CPU), with a block size chosen from the shape
+            (`dropless.auto_block_size`; `moe.block_size` is not used).
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ def resolve_impl(impl: str) -> str:
 
 
 def _auto(x_td, idx_tk, weight_tk, experts, *, moe, train) -> DispatchResult:
-  del train
-  return dropless.dispatch_with(x_td, idx_tk, weight_tk, experts,
-                                backend=dropless.auto_backend(), block_size=moe.block_size)
+  del moe, train
+  num_pairs, num_experts = idx_tk.size, experts.w_gate_edh.shape[0]
+  return dropless.dispatch_with(
+      x_td, idx_tk, weight_tk, experts, backend=dropless.auto_backend(),
+      block_size=dropless.auto_block_size(num_pairs, num_experts))
 
 
 def get(impl: str):

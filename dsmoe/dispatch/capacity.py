@@ -46,6 +46,6 @@ def dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, moe, train) -> 
   if factor <= 0:  # never drop: the dropless path, with the platform's backend
     return dropless.dispatch_with(x_td, idx_tk, weight_tk, experts,
                                   backend=dropless.auto_backend(),
-                                  block_size=moe.block_size)
+                                  block_size=moe.block_size)  # the configured block
   return dispatch_with(x_td, idx_tk, weight_tk, experts, factor=factor,
                        policy=moe.drop_policy)

@@ -36,6 +36,16 @@ def auto_backend(platform: str | None = None) -> str:
   return "ragged_dot" if platform == "tpu" else "blocked"
 
 
+def auto_block_size(num_pairs: int, num_experts: int, cap: int = 128) -> int:
+  """Rows per block for "auto": `cap`, or less when experts get fewer rows.
+
+  Measured on a 2-core CPU (T*K=24576 rows, 64 experts, D=512, H=256):
+  128 beats 64 (smaller matmuls) and 256 (more padding) by ~5-10%.
+  """
+  per_expert = max(1, num_pairs // num_experts)
+  return int(min(cap, max(8, 1 << (per_expert.bit_length() - 1))))
+
+
 def gate_per_row(weight_tk, pair_p):
   """weight_p [P]: the gate of each buffer row's pair; 0 for padding rows."""
   return weight_tk.reshape(-1).at[pair_p].get(mode="fill", fill_value=0)
