@@ -18,9 +18,6 @@ Returns the dropped fraction = dropped pairs / (T * K).
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
 from dsmoe.dispatch import dropless
 from dsmoe.dispatch import layout as layout_lib
 from dsmoe.dispatch.common import DispatchResult, ExpertWeights
@@ -34,10 +31,9 @@ def dispatch_with(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, factor: fl
   num_experts = experts.w_gate_edh.shape[0]
   cap = layout_lib.capacity(t, k, num_experts, factor)
   lay = layout_lib.capacity_layout(idx_tk, weight_tk, num_experts, cap, policy)
-  weight_p = dropless.gate_per_row(weight_tk, lay.pair_p)  # [E*C]; 0: empty row
-  buffer_expert_e = jnp.arange(num_experts, dtype=jnp.int32)  # one block per buffer
-  y_td = blocked_moe(x_td, weight_p, dropless.cast(experts, x_td.dtype), lay.token_p,
-                     buffer_expert_e, num_experts)  # [T,D]
+  weight_ec = dropless.gate_per_row(weight_tk, lay.pair_p).reshape(-1, cap)  # 0: empty
+  y_td = blocked_moe(x_td, weight_ec, dropless.cast(experts, x_td.dtype),
+                     lay.token_p.reshape(-1, cap), lay.block_end_e)  # [T,D]
   return DispatchResult(y_td, lay.dropped / (t * k))
 
 

@@ -72,8 +72,9 @@ def dispatch_with(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, backend: s
   w = cast(experts, x_td.dtype)
   if backend == "blocked":
     lay = layout_lib.blocked_layout(idx_tk, num_experts, block_size)
-    weight_p = gate_per_row(weight_tk, lay.pair_p)  # [P]
-    y_td = blocked_moe(x_td, weight_p, w, lay.token_p, lay.block_expert_b, lay.num_blocks)
+    weight_bs = gate_per_row(weight_tk, lay.pair_p).reshape(-1, block_size)  # [NB,B]
+    y_td = blocked_moe(x_td, weight_bs, w, lay.token_p.reshape(-1, block_size),
+                       lay.block_end_e)  # [T,D]
     return DispatchResult(y_td, no_drops())
   lay = layout_lib.blocked_layout(idx_tk, num_experts, 1)  # sorted, no padding
   x_pd = permute(x_td, lay.token_p, lay.row_tk, False)  # [P=S,D]

@@ -23,6 +23,8 @@ in float32 in place. The forward saves only the gate/up activations g, u.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -49,79 +51,98 @@ def _block_rows(token_bs, weight_bs, x_td, b):
   return tok_s, _at(weight_bs, b), x_td.at[tok_s].get(mode="promise_in_bounds")
 
 
-def _forward(x_td, weight_bs, w: ExpertWeights, token_bs, block_expert_b, num_blocks):
-  """Loop over used blocks: y_td[tok] += gate * SwiGLU_e(x_td[tok])."""
-  (t, d), (nb, bs) = x_td.shape, token_bs.shape
-  h, dt = w.w_gate_edh.shape[-1], x_td.dtype
+def _expert_blocks(block_end_e, e):
+  """The blocks of expert e: [start, end)."""
+  end = block_end_e[e]
+  return jnp.where(e > 0, block_end_e[jnp.maximum(e - 1, 0)], 0), end
 
-  def body(b, carry):
-    y_td, g_bsh, u_bsh = carry
-    e = block_expert_b[b]
-    tok_s, gate_s, x_sd = _block_rows(token_bs, weight_bs, x_td, b)
-    g_sh = _mm(x_sd, _at(w.w_gate_edh, e), ((1,), (0,))).astype(dt)  # [B,H]
-    u_sh = _mm(x_sd, _at(w.w_up_edh, e), ((1,), (0,))).astype(dt)  # [B,H]
-    y_sd = _mm(jax.nn.silu(g_sh) * u_sh, _at(w.w_down_ehd, e), ((1,), (0,)))  # [B,D]
-    y_td = y_td.at[tok_s].add(y_sd * gate_s[:, None], mode="promise_in_bounds")
-    return y_td, _put(g_bsh, g_sh, b), _put(u_bsh, u_sh, b)
+
+def _forward(x_td, weight_bs, w: ExpertWeights, token_bs, block_end_e):
+  """For each expert, for each of its blocks: y_td[tok] += gate * SwiGLU_e(x_td[tok])."""
+  (t, d), (nb, bs) = x_td.shape, token_bs.shape
+  (num_experts, _, h), dt = w.w_gate_edh.shape, x_td.dtype
+
+  def expert_body(e, carry):
+    wg_dh, wu_dh, wd_hd = _at(w.w_gate_edh, e), _at(w.w_up_edh, e), _at(w.w_down_ehd, e)
+
+    def block_body(b, carry):
+      y_td, g_bsh, u_bsh = carry
+      tok_s, gate_s, x_sd = _block_rows(token_bs, weight_bs, x_td, b)
+      g_sh = _mm(x_sd, wg_dh, ((1,), (0,))).astype(dt)  # [B,H]
+      u_sh = _mm(x_sd, wu_dh, ((1,), (0,))).astype(dt)  # [B,H]
+      y_sd = _mm(jax.nn.silu(g_sh) * u_sh, wd_hd, ((1,), (0,)))  # [B,D]
+      y_td = y_td.at[tok_s].add(y_sd * gate_s[:, None], mode="promise_in_bounds")
+      return y_td, _put(g_bsh, g_sh, b), _put(u_bsh, u_sh, b)
+
+    return lax.fori_loop(*_expert_blocks(block_end_e, e), block_body, carry)
 
   init = (jnp.zeros((t, d), jnp.float32), jnp.zeros((nb, bs, h), dt), jnp.zeros((nb, bs, h), dt))
-  return lax.fori_loop(0, num_blocks, body, init)
+  return lax.fori_loop(0, num_experts, expert_body, init)
 
 
 @jax.custom_vjp
-def blocked_moe(x_td, weight_p, w: ExpertWeights, token_p, block_expert_b, num_blocks):
-  """y_td = sum over rows p of weight_p[p] * SwiGLU_{expert(p)}(x_td[token_p[p]])."""
-  nb = block_expert_b.shape[0]
-  y_td, _, _ = _forward(x_td, weight_p.reshape(nb, -1), w, token_p.reshape(nb, -1),
-                        block_expert_b, num_blocks)
+def blocked_moe(x_td, weight_bs, w: ExpertWeights, token_bs, block_end_e):
+  """y_td = sum over rows of gate * SwiGLU_{expert of the row}(x_td[token]).
+
+  weight_bs, token_bs [NB, B]: gate and token of each row of each block;
+  block_end_e [E]: expert e owns blocks block_end_e[e-1] .. block_end_e[e]-1.
+  """
+  y_td, _, _ = _forward(x_td, weight_bs, w, token_bs, block_end_e)
   return y_td.astype(x_td.dtype)
 
 
-def _fwd(x_td, weight_p, w, token_p, block_expert_b, num_blocks):
-  nb = block_expert_b.shape[0]
-  weight_bs, token_bs = weight_p.reshape(nb, -1), token_p.reshape(nb, -1)
-  y_td, g_bsh, u_bsh = _forward(x_td, weight_bs, w, token_bs, block_expert_b, num_blocks)
-  res = (x_td, weight_bs, w, token_bs, block_expert_b, num_blocks, g_bsh, u_bsh)
-  return y_td.astype(x_td.dtype), res
+def _fwd(x_td, weight_bs, w, token_bs, block_end_e):
+  y_td, g_bsh, u_bsh = _forward(x_td, weight_bs, w, token_bs, block_end_e)
+  return y_td.astype(x_td.dtype), (x_td, weight_bs, w, token_bs, block_end_e, g_bsh, u_bsh)
+
+
+def _block_grads(b, carry, *, x_td, dy_td, weight_bs, token_bs, g_bsh, u_bsh, w_e):
+  """One block's backward: dx rows (scatter-added), gate grads, expert dW."""
+  dx_td, dgate_bs, dwg_dh, dwu_dh, dwd_hd = carry
+  wg_dh, wu_dh, wd_hd = w_e
+  dt, f32 = x_td.dtype, jnp.float32
+  tok_s, gate_s, x_sd = _block_rows(token_bs, weight_bs, x_td, b)
+  dy_sd = dy_td.at[tok_s].get(mode="promise_in_bounds")  # [B,D]
+  g_sh, u_sh = _at(g_bsh, b).astype(f32), _at(u_bsh, b).astype(f32)
+  sig_sh = jax.nn.sigmoid(g_sh)
+  silu_sh = g_sh * sig_sh
+  a_sh = silu_sh * u_sh
+  da_sh = _mm(dy_sd, wd_hd, ((1,), (1,)))  # [B,H], before the gate
+  dgate_bs = _put(dgate_bs, jnp.sum(a_sh * da_sh, axis=-1), b)  # [B]
+  da_sh = da_sh * gate_s[:, None]
+  dg_sh = (da_sh * u_sh * sig_sh * (1 + g_sh * (1 - sig_sh))).astype(dt)
+  du_sh = (da_sh * silu_sh).astype(dt)
+  dx_sd = (_mm(dg_sh, wg_dh, ((1,), (1,))) + _mm(du_sh, wu_dh, ((1,), (1,))))  # [B,D]
+  dx_td = dx_td.at[tok_s].add(dx_sd, mode="promise_in_bounds")
+  dwg_dh = dwg_dh + _mm(x_sd, dg_sh, ((0,), (0,)))  # [D,H]
+  dwu_dh = dwu_dh + _mm(x_sd, du_sh, ((0,), (0,)))  # [D,H]
+  dwd_hd = dwd_hd + _mm((a_sh * gate_s[:, None]).astype(dt), dy_sd, ((0,), (0,)))  # [H,D]
+  return dx_td, dgate_bs, dwg_dh, dwu_dh, dwd_hd
 
 
 def _bwd(res, dy_td):
-  """Per block: da = gate * dy Wd^T; dgate = <SwiGLU, dy Wd^T>; dg, du; dx; dW."""
-  x_td, weight_bs, w, token_bs, block_expert_b, num_blocks, g_bsh, u_bsh = res
+  """Per expert (weights sliced once), per block: see _block_grads."""
+  x_td, weight_bs, w, token_bs, block_end_e, g_bsh, u_bsh = res
   dt, f32 = x_td.dtype, jnp.float32
-  dy_td = dy_td.astype(dt)
+  block = functools.partial(_block_grads, x_td=x_td, dy_td=dy_td.astype(dt),
+                            weight_bs=weight_bs, token_bs=token_bs, g_bsh=g_bsh, u_bsh=u_bsh)
 
-  def body(b, carry):
+  def expert_body(e, carry):
     dx_td, dgate_bs, dwg, dwu, dwd = carry
-    e = block_expert_b[b]
-    tok_s, gate_s, x_sd = _block_rows(token_bs, weight_bs, x_td, b)
-    dy_sd = dy_td.at[tok_s].get(mode="promise_in_bounds")  # [B,D]
-    g_sh, u_sh = _at(g_bsh, b).astype(f32), _at(u_bsh, b).astype(f32)
-    sig_sh = jax.nn.sigmoid(g_sh)
-    silu_sh = g_sh * sig_sh
-    a_sh = silu_sh * u_sh
-    da_sh = _mm(dy_sd, _at(w.w_down_ehd, e), ((1,), (1,)))  # [B,H], before the gate
-    dgate_bs = _put(dgate_bs, jnp.sum(a_sh * da_sh, axis=-1), b)  # [B]
-    da_sh = da_sh * gate_s[:, None]
-    dg_sh = (da_sh * u_sh * sig_sh * (1 + g_sh * (1 - sig_sh))).astype(dt)
-    du_sh = (da_sh * silu_sh).astype(dt)
-    dx_sd = (_mm(dg_sh, _at(w.w_gate_edh, e), ((1,), (1,)))
-             + _mm(du_sh, _at(w.w_up_edh, e), ((1,), (1,))))  # [B,D]
-    dx_td = dx_td.at[tok_s].add(dx_sd, mode="promise_in_bounds")
-    dwg = _put(dwg, _at(dwg, e) + _mm(x_sd, dg_sh, ((0,), (0,))), e)  # [D,H]
-    dwu = _put(dwu, _at(dwu, e) + _mm(x_sd, du_sh, ((0,), (0,))), e)  # [D,H]
-    aw_sh = (a_sh * gate_s[:, None]).astype(dt)
-    dwd = _put(dwd, _at(dwd, e) + _mm(aw_sh, dy_sd, ((0,), (0,))), e)  # [H,D]
-    return dx_td, dgate_bs, dwg, dwu, dwd
+    w_e = (_at(w.w_gate_edh, e), _at(w.w_up_edh, e), _at(w.w_down_ehd, e))
+    acc = (dx_td, dgate_bs, jnp.zeros(w_e[0].shape, f32), jnp.zeros(w_e[1].shape, f32),
+           jnp.zeros(w_e[2].shape, f32))
+    dx_td, dgate_bs, dwg_dh, dwu_dh, dwd_hd = lax.fori_loop(
+        *_expert_blocks(block_end_e, e), functools.partial(block, w_e=w_e), acc)
+    return dx_td, dgate_bs, _put(dwg, dwg_dh, e), _put(dwu, dwu_dh, e), _put(dwd, dwd_hd, e)
 
   init = (jnp.zeros(x_td.shape, f32), jnp.zeros(weight_bs.shape, f32),
-          jnp.zeros(w.w_gate_edh.shape, f32), jnp.zeros(w.w_up_edh.shape, f32),
-          jnp.zeros(w.w_down_ehd.shape, f32))
-  dx_td, dgate_bs, dwg, dwu, dwd = lax.fori_loop(0, num_blocks, body, init)
-  dw = ExpertWeights(dwg.astype(w.w_gate_edh.dtype), dwu.astype(w.w_up_edh.dtype),
-                     dwd.astype(w.w_down_ehd.dtype))
-  return (dx_td.astype(dt), dgate_bs.reshape(-1).astype(weight_bs.dtype), dw,
-          None, None, None)
+          jnp.zeros(w.w_gate_edh.shape, w.w_gate_edh.dtype),
+          jnp.zeros(w.w_up_edh.shape, w.w_up_edh.dtype),
+          jnp.zeros(w.w_down_ehd.shape, w.w_down_ehd.dtype))
+  dx_td, dgate_bs, dwg, dwu, dwd = lax.fori_loop(0, w.w_gate_edh.shape[0], expert_body, init)
+  return (dx_td.astype(dt), dgate_bs.astype(weight_bs.dtype), ExpertWeights(dwg, dwu, dwd),
+          None, None)
 
 
 blocked_moe.defvjp(_fwd, _bwd)

@@ -7,8 +7,7 @@ A `Layout` holds the integer maps between the two orders (no gradients):
   row_tk     [T, K] buffer row of each pair; P (out of range) if dropped
   token_p    [P]    token of each buffer row (0 for padding: harmless, never read back)
   pair_p     [P]    flat pair index s = t*K + k of each row; S = T*K for padding
-  block_expert_b [NB]  expert of each block of `block` rows (blocked layout only)
-  num_blocks     []    blocks that hold at least one pair (blocked layout only)
+  block_end_e [E]   expert e owns blocks block_end_e[e-1] .. block_end_e[e]-1
   dropped        []    number of dropped pairs (float32)
 
 Two layouts:
@@ -32,8 +31,7 @@ class Layout(NamedTuple):
   row_tk: jax.Array
   token_p: jax.Array
   pair_p: jax.Array
-  block_expert_b: jax.Array | None
-  num_blocks: jax.Array | None
+  block_end_e: jax.Array
   dropped: jax.Array
 
 
@@ -79,10 +77,8 @@ def blocked_layout(idx_tk: jax.Array, num_experts: int, block: int) -> Layout:
   row_s = (block_end_e - blocks_e)[expert_s] * block + rank_s  # [S]
   nb = num_blocks_bound(t * k, num_experts, block)
   token_p, pair_p = _rows_to_pairs(row_s, nb * block, k)
-  block_expert_b = jnp.searchsorted(block_end_e, jnp.arange(nb), side="right")
-  block_expert_b = jnp.minimum(block_expert_b, num_experts - 1).astype(jnp.int32)  # [NB]
-  return Layout(row_s.reshape(t, k), token_p, pair_p, block_expert_b,
-                block_end_e[-1], jnp.zeros((), jnp.float32))
+  return Layout(row_s.reshape(t, k), token_p, pair_p, block_end_e.astype(jnp.int32),
+                jnp.zeros((), jnp.float32))
 
 
 def priority_order(expert_s: jax.Array, weight_s: jax.Array, policy: str) -> jax.Array:
@@ -118,4 +114,5 @@ def capacity_layout(idx_tk: jax.Array, weight_tk: jax.Array, num_experts: int,
   row_s = jnp.where(kept_s, expert_s * cap + rank_s, num_rows)  # [S]
   token_p, pair_p = _rows_to_pairs(row_s, num_rows, k)
   dropped = jnp.sum(~kept_s).astype(jnp.float32)
-  return Layout(row_s.reshape(t, k), token_p, pair_p, None, None, dropped)
+  block_end_e = jnp.arange(1, num_experts + 1, dtype=jnp.int32)  # one block of C each
+  return Layout(row_s.reshape(t, k), token_p, pair_p, block_end_e, dropped)
