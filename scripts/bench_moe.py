@@ -151,7 +151,7 @@ def make_inputs(args):
   return x_td, idx_tk.astype(jnp.int32), weight_tk, experts, dense_w, probe_td
 
 
-def grad_fn(layer, probe_td):
+def grad_fn(layer, probe_td, forward_only=False):
   """value_and_grad of <layer(x, idx, weight, params), probe> w.r.t. x, weight, params.
 
   idx_tk is an argument, not a constant, so the routing work is timed too.
@@ -159,7 +159,7 @@ def grad_fn(layer, probe_td):
   def loss(x_td, weight_tk, params, idx_tk):
     y_td = layer(x_td, idx_tk, weight_tk, params)
     return jnp.sum(y_td.astype(jnp.float32) * probe_td.astype(jnp.float32))
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  return jax.jit(loss if forward_only else jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
 def compile_case(fn, operands):
@@ -228,6 +228,7 @@ def parse_args(argv=None):
   p.add_argument("--slow-reps", type=int, default=1, help="timed reps of the slow baselines")
   p.add_argument("--block-size", type=int, default=128)
   p.add_argument("--capacity-factor", type=float, default=1.25)
+  p.add_argument("--forward-only", action="store_true", help="time the forward pass only")
   p.add_argument("--only", default="", help="comma-separated subset of case names")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default="", help="write the results to this file")
@@ -240,6 +241,7 @@ def main(argv=None):
   shape = {k: getattr(args, k) for k in ("tokens", "d_model", "experts", "expert_hidden",
                                          "top_k", "dtype", "block_size", "capacity_factor")}
   shape["platform"] = jax.default_backend()
+  shape["pass"] = "forward" if args.forward_only else "forward+backward"
   print(f"shape {shape}  jax {jax.__version__}", flush=True)
   only = set(filter(None, args.only.split(",")))
   runs, reps, temp_mb = {}, {}, {}
@@ -247,7 +249,7 @@ def main(argv=None):
     if only and name not in only and name != "dense_ffn":
       continue
     params = dense_w if which == "dense" else experts
-    runs[name], temp_mb[name] = compile_case(grad_fn(layer, probe_td), (x_td, weight_tk, params, idx_tk))
+    runs[name], temp_mb[name] = compile_case(grad_fn(layer, probe_td, args.forward_only), (x_td, weight_tk, params, idx_tk))
     reps[name] = n
   ms = measure_all(runs, reps)
   results = {}
