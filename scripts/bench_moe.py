@@ -27,7 +27,6 @@ Runs without ml_collections (the `moe` argument is a SimpleNamespace).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import sys
@@ -40,7 +39,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _import_dispatch():
   """dsmoe.dispatch without dsmoe/__init__ when ml_collections is missing."""
   sys.path.insert(0, str(ROOT))
-  if importlib.util.find_spec("ml_collections") is None and "dsmoe" not in sys.modules:
+  try:
+    import ml_collections  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    have_ml_collections = True
+  except ImportError:
+    have_ml_collections = False
+  if not have_ml_collections and "dsmoe" not in sys.modules:
     pkg = types.ModuleType("dsmoe")
     pkg.__path__ = [str(ROOT / "dsmoe")]
     sys.modules["dsmoe"] = pkg
