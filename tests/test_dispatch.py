@@ -155,6 +155,48 @@ def test_capacity_buffer_has_no_one_hot():
   assert f"{t},{e},{cap}" not in text and f"{t * e * cap}" not in text
 
 
+@pytest.mark.parametrize("impl", ["dropless", "capacity"])
+def test_bfloat16_close_to_float32_reference(impl):
+  x, idx, weight, experts = make_case(5, 40, 8, 2)
+  ref, ref_grads = value_and_grads(moe_cfg("dense"), x, idx, weight, experts)
+  moe = moe_cfg(impl, "blocked", 16, factor=8.0)
+  res, grads = value_and_grads(moe, x.astype(jnp.bfloat16), idx, weight, experts)
+  assert res.y_td.dtype == jnp.bfloat16
+  scale = float(jnp.abs(ref.y_td).max())
+  np.testing.assert_allclose(np.asarray(res.y_td, np.float32), ref.y_td, atol=0.03 * scale)
+  for g, r in zip(jax.tree.leaves(grads[2]), jax.tree.leaves(ref_grads[2])):
+    assert g.dtype == jnp.float32  # master weights stay float32
+    np.testing.assert_allclose(g, r, atol=0.03 * float(jnp.abs(r).max()))
+
+
+def test_blocked_layout_blocks_hold_one_expert():
+  """Every used row of a block belongs to that block's expert; padding < B per expert."""
+  from dsmoe.dispatch import layout  # pylint: disable=g-import-not-at-top
+  _, idx, _, _ = make_case(4, 50, 7, 3, mode="few_experts")
+  block = 4
+  lay = layout.blocked_layout(idx, 7, block)
+  pair_p = np.asarray(lay.pair_p)
+  ends = np.asarray(lay.block_end_e)
+  starts = np.r_[0, ends[:-1]]
+  flat = np.asarray(idx).reshape(-1)
+  seen = []
+  for e in range(7):
+    rows = pair_p[starts[e] * block:ends[e] * block]
+    used = rows[rows < flat.size]
+    assert np.all(flat[used] == e)
+    assert len(rows) - len(used) < block
+    seen.extend(used.tolist())
+  assert sorted(seen) == list(range(flat.size))  # every pair exactly once
+  np.testing.assert_array_equal(pair_p[np.asarray(lay.row_tk).reshape(-1)], np.arange(flat.size))
+
+
+def test_auto_block_size():
+  from dsmoe.dispatch.dropless import auto_block_size  # pylint: disable=g-import-not-at-top
+  assert auto_block_size(24576, 64) == 128
+  assert auto_block_size(40, 6) == 8
+  assert auto_block_size(1000, 8) == 64
+
+
 def test_auto_resolves_per_platform():
   assert dispatch.resolve_impl("auto") == "dropless"
   assert dispatch.auto_backend("tpu") == "ragged_dot"
