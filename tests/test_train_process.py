@@ -73,7 +73,7 @@ def _params(workdir, step):
   config = config_lib.resolve(small_config(**RUN))
   tx = optimizer.make_optimizer(config.train)
   ckpts = checkpoint.Checkpoints(workdir, read_only=True)
-  _, state = loop.init_or_restore(config, tx, ckpts, loop.make_mesh(), None, step)
+  _, state = checkpoint.init_or_restore(config, tx, ckpts, loop.make_mesh(), None, step)
   return jax.device_get(state["params"])
 
 

@@ -18,6 +18,9 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dsmoe.train import step as step_lib
 
 
 class CheckpointError(ValueError):
@@ -136,3 +139,19 @@ def data_state_for_this_process(data, where: str):
     raise CheckpointError(f"checkpoint {where} holds data-iterator states of {n} "
                           f"processes; this run has {jax.process_count()}")
   return data[jax.process_index()]
+
+
+def init_or_restore(config, tx, ckpts, mesh, data_iter, step: int | None = None):
+  """(graphdef, state): the checkpoint of `step` (default latest) or a fresh init."""
+  graphdef, shapes = step_lib.abstract_state(config, tx)
+  replicated = NamedSharding(mesh, P())
+  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                        shapes)
+  if step is not None or ckpts.latest_step() is not None:
+    state, data_states = ckpts.restore(shapes, step)
+    if data_iter is not None:
+      where = ckpts.path(int(state["step"]))
+      data_iter.set_state(data_state_for_this_process(data_states, where))
+    return graphdef, state
+  init = jax.jit(lambda: step_lib.init_state(config, tx)[1], out_shardings=replicated)
+  return graphdef, init()

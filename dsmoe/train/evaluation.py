@@ -40,7 +40,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   Writes ``<workdir>/eval_step<N>.json`` (process 0) and returns its content.
   Raises CheckpointError when the checkpoint is missing or does not match.
   """
-  from dsmoe.train.loop import init_or_restore
   config = config_lib.resolve(config)
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -48,8 +47,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
   tx = optimizer_lib.make_optimizer(config.train)
   mesh = make_mesh()
-  graphdef, state = init_or_restore(config, tx, ckpts, mesh, None,
-                                    step if step is not None else ckpts.latest_step())
+  try:
+    step = ckpts.latest_step() if step is None else step
+    if step is None:
+      raise checkpoint_lib.CheckpointError(f"no checkpoints in {ckpts.directory}")
+    graphdef, state = checkpoint_lib.init_or_restore(config, tx, ckpts, mesh, None, step)
+  finally:
+    ckpts.close()
   result = {"step": int(state["step"]), "checkpoint": ckpts.path(int(state["step"])),
             **evaluate(config, graphdef, state, mesh)}
   path = os.path.join(workdir, f"eval_step{result['step']}.json")

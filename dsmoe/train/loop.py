@@ -18,7 +18,7 @@ import time
 
 import jax
 import ml_collections
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from dsmoe import accounting
@@ -61,22 +61,6 @@ def _check_batch(config, mesh: Mesh) -> None:
     raise ValueError(f"config.train.batch_size={t.batch_size} is invalid: with "
                      f"train.grad_accum_steps={t.grad_accum_steps}, each micro-batch "
                      f"({per_device}) must split over the {mesh.size} devices")
-
-
-def init_or_restore(config, tx, ckpts, mesh, data_iter, step: int | None = None):
-  """(graphdef, state): the checkpoint of `step` (default latest) or a fresh init."""
-  graphdef, shapes = step_lib.abstract_state(config, tx)
-  replicated = NamedSharding(mesh, P())
-  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                        shapes)
-  if step is not None or ckpts.latest_step() is not None:
-    state, data_states = ckpts.restore(shapes, step)
-    if data_iter is not None:
-      where = ckpts.path(int(state["step"]))
-      data_iter.set_state(checkpoint_lib.data_state_for_this_process(data_states, where))
-    return graphdef, state
-  init = jax.jit(lambda: step_lib.init_state(config, tx)[1], out_shardings=replicated)
-  return graphdef, init()
 
 
 def _nonfinite(run: Run, step: int, m: dict) -> NonFiniteError:
@@ -170,7 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = optimizer_lib.make_optimizer(config.train)
   ckpts = checkpoint_lib.Checkpoints(workdir, config.train.keep_checkpoints)
   data_iter = iter(make_loader(config, "train"))
-  graphdef, state = init_or_restore(config, tx, ckpts, mesh, data_iter)
+  graphdef, state = checkpoint_lib.init_or_restore(config, tx, ckpts, mesh, data_iter)
   start = int(state["step"])
   writer = metrics_lib.MetricWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
   run = Run(config, workdir, mesh, graphdef, tx, ckpts, writer, fpt)
@@ -185,5 +169,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      trained=start < config.train.steps)
   finally:
     ckpts.wait()
+    ckpts.close()
     writer.close()
   return {**result, "state": state}
