@@ -14,7 +14,8 @@ import pytest
 
 from conftest import load_config
 from dsmoe import config as config_lib
-from dsmoe.train import NonFiniteError, loop, optimizer, step
+from dsmoe import flops_per_token
+from dsmoe.train import NonFiniteError, loop, metrics, optimizer, step
 from dsmoe.train.checkpoint import CheckpointError, Checkpoints
 
 SMALL = {"model.d_model": 32, "model.num_layers": 2, "model.num_heads": 2,
@@ -104,6 +105,24 @@ def test_padding_is_masked_out_of_the_loss():
   assert float(n) == 1.0 and float(ce) == pytest.approx(math.log(2.0), rel=1e-6)
 
 
+# ---------------------------------------------------------------- metrics
+
+def test_expert_load_stats_by_hand():
+  out = metrics.expert_load_stats(np.array([[1, 1, 2], [3, 3, 3]]))
+  assert out["load/moe0/max_over_mean"] == pytest.approx(1.5)
+  assert out["load/moe0/cv"] == pytest.approx(math.sqrt(2 / 9) / (4 / 3))
+  assert out["load/moe1/max_over_mean"] == 1.0 and out["load/moe1/cv"] == 0.0
+
+
+def test_truncate_jsonl_drops_later_and_cut_lines(tmp_path):
+  path = tmp_path / "m.jsonl"
+  path.write_text('{"step": 1, "loss": 3}\n{"step": 2, "loss": 2}\n{"step": 2, "eval_loss": 2}\n'
+                  '{"step": 3, "loss": 1}\n{"step": 4, "lo')
+  metrics.truncate_jsonl(str(path), 2)
+  assert [json.loads(l) for l in path.read_text().splitlines()] == [
+      {"step": 1, "loss": 3}, {"step": 2, "loss": 2}, {"step": 2, "eval_loss": 2}]
+
+
 # ------------------------------------------------------------ end to end
 
 def test_30_steps_lower_the_loss(tmp_path):
@@ -118,6 +137,9 @@ def test_30_steps_lower_the_loss(tmp_path):
               "learning_rate", "tokens_per_s", "mfu", "dropped_fraction",
               "load/moe0/max_over_mean", "load/moe0/cv"):
     assert key in rec, key
+  fpt = flops_per_token(small_config())
+  assert rec["mfu"] == pytest.approx(rec["tokens_per_s"] * fpt / 1e9, rel=1e-6)
+  assert rec["perplexity"] == pytest.approx(math.exp(rec["loss"]), rel=1e-6)
   assert os.listdir(tmp_path / "tensorboard")
   assert (tmp_path / "training.png").stat().st_size > 0
   assert Checkpoints(tmp_path).all_steps() == [30]

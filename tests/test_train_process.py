@@ -102,17 +102,18 @@ def test_sigkill_then_resume_is_bitwise_exact(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_0(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_and_exits_0(tmp_path, sig):
   workdir = tmp_path / "run"
   proc = _start(workdir, {"train.steps": 100000, "train.checkpoint_every": 1000})
   _wait_for_step(workdir, 2, proc)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   assert _finish(proc, timeout=120) == 0
   out = open(f"{workdir}.log").read()
   from dsmoe.train.checkpoint import Checkpoints
   last = Checkpoints(workdir, read_only=True).latest_step()
   assert last is not None and last >= 2
-  assert f"SIGTERM: stopped after step {last}; saved checkpoint {workdir}/checkpoints/{last}" in out
+  assert f"{sig.name}: stopped after step {last}; saved checkpoint {workdir}/checkpoints/{last}" in out
 
 
 def _free_port():

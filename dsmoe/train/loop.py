@@ -113,15 +113,15 @@ def _train(run: Run, state, data_iter, stop: StopOnSignal):
   return state, False
 
 
-def _finish(run: Run, state, stopped: StopOnSignal | None, *, trained: bool) -> dict:
-  """Prints where the run saved; evaluates (and logs, if it trained) at the end."""
+def _finish(run: Run, state, stopped: StopOnSignal | None) -> dict:
+  """Prints where the run saved, or evaluates and plots at the end."""
   step = int(state["step"])
   if stopped is not None:
     print(f"{stopped.signal_name}: stopped after step {step}; saved checkpoint "
           f"{run.ckpts.path(step)}", flush=True)
     return {"step": step, "stopped": True}
   result = {"step": step, **evaluate(run.config, run.graphdef, state, run.mesh)}
-  if trained:  # a finished run restarted evaluates again but logs nothing new
+  if run.main and not run.writer.has_record(step, "eval_loss"):  # not logged twice
     run.writer.write(result)
   if run.main:
     print(f"step {step}: eval loss {result['eval_loss']:.4f} perplexity "
@@ -165,8 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with StopOnSignal() as stop:
       state, stopped = _train(run, state, data_iter, stop)
     ckpts.wait()
-    result = _finish(run, state, stop if stopped else None,
-                     trained=start < config.train.steps)
+    result = _finish(run, state, stop if stopped else None)
   finally:
     ckpts.wait()
     ckpts.close()

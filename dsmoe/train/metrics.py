@@ -88,6 +88,12 @@ class MetricWriter:
     except ImportError:
       print("tensorboardX is not installed: no TensorBoard events (pip install tensorboardX)")
 
+  def has_record(self, step: int, key: str) -> bool:
+    """Whether metrics.jsonl already holds `key` at `step` (after a resume)."""
+    if not os.path.exists(self.path):
+      return False
+    return any(r.get("step") == step and key in r for r in read_jsonl(self.path))
+
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
