@@ -82,6 +82,7 @@ def _train(run: Run, state, data_iter, stop: StopOnSignal):
   """The step loop; returns (state, stopped_by_signal)."""
   t = run.config.train
   train_fn = step_lib.jit_train_step(run.config, run.graphdef, run.tx)
+  eval_fn = step_lib.jit_eval_step(run.graphdef)
   peak_total = (t.peak_flops or metrics_lib.measure_peak_flops()) * jax.device_count()
   start = int(state["step"])
   bar = tqdm(total=t.steps, initial=start, disable=not run.main, dynamic_ncols=True)
@@ -102,7 +103,10 @@ def _train(run: Run, state, data_iter, stop: StopOnSignal):
       bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
       clock, tokens = now, 0.0
     if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-      run.writer.write({"step": step, **evaluate(run.config, run.graphdef, state, run.mesh)})
+      t0 = time.perf_counter()
+      run.writer.write({"step": step, **evaluate(run.config, run.graphdef, state, run.mesh,
+                                                 eval_fn=eval_fn)})
+      clock += time.perf_counter() - t0  # tokens/s counts training time only
     if step % t.checkpoint_every == 0 or step == t.steps:
       _save(run, step, state, data_iter)
     if stop.requested():
