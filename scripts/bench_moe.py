@@ -10,7 +10,9 @@ inputs and outputs) of:
                         and matmul shapes as the MoE, no routing (shape limit);
   capacity              dsmoe capacity dispatch (factor --capacity-factor);
   capacity_score        the same with drop_policy="score";
-  dropless_blocked      dsmoe dropless, blocked grouped matmul (--block-size);
+  dropless_blocked      dsmoe dropless, blocked grouped matmul (--block-size),
+                        with the platform's strategy (CPU: fused loop; GPU:
+                        batched matmuls); --other-strategy adds the other one;
   dropless_ragged_dot   dsmoe dropless, jax.lax.ragged_dot backend;
   naive_onehot_einsum   GShard-style dispatch/combine one-hot einsums [T,E,C];
   naive_ragged_dot      sort + take + lax.ragged_dot + segment_sum, plain autodiff.
@@ -206,7 +208,7 @@ def cases(args):
     return lambda x, i, wt, p: fn(x, i, wt, p, moe=moe, train=True).y_td
 
   bs, cf = args.block_size, args.capacity_factor
-  return {
+  table = {
       "dense_ffn": (lambda x, i, wt, p: dense_ffn(x, *p), "dense", fast),
       "flat_expert_ffn": (flat_expert_ffn, "moe", fast),
       "capacity": (impl(moe_namespace("capacity", capacity_factor=cf)), "moe", fast),
@@ -218,6 +220,15 @@ def cases(args):
                               "moe", slow),
       "naive_ragged_dot": (naive_ragged_dot, "moe", slow),
   }
+  if args.other_strategy:  # the blocked strategy this platform does not use
+    other = "batched" if dispatch.dropless.blocked_strategy() == "loop" else "loop"
+    table[f"dropless_blocked_{other}"] = (
+        lambda x, i, wt, p: dispatch.dropless.dispatch_with(
+            x, i, wt, p, backend="blocked", block_size=bs, strategy=other).y_td, "moe", fast)
+    table[f"capacity_{other}"] = (
+        lambda x, i, wt, p: dispatch.capacity.dispatch_with(
+            x, i, wt, p, factor=cf, policy="position", strategy=other).y_td, "moe", fast)
+  return table
 
 
 def parse_args(argv=None):
@@ -232,6 +243,9 @@ def parse_args(argv=None):
   p.add_argument("--slow-reps", type=int, default=1, help="timed reps of the slow baselines")
   p.add_argument("--block-size", type=int, default=128)
   p.add_argument("--capacity-factor", type=float, default=1.25)
+  p.add_argument("--other-strategy", action="store_true",
+                 help="also time the blocked strategy this platform does not use by "
+                      "default ('batched' on CPU, 'loop' elsewhere)")
   p.add_argument("--forward-only", action="store_true", help="time the forward pass only")
   p.add_argument("--only", default="", help="comma-separated subset of case names")
   p.add_argument("--seed", type=int, default=0)
@@ -257,12 +271,12 @@ def main(argv=None):
     reps[name] = n
   ms = measure_all(runs, reps)
   results = {}
-  print(f"{'case':22s} {'ms':>9s} {'x dense':>8s} {'temp MiB':>9s}  reps")
+  print(f"{'case':26s} {'ms':>9s} {'x dense':>8s} {'temp MiB':>9s}  reps")
   for name in runs:
     results[name] = {"ms": ms[name], "ratio_to_dense": ms[name] / ms["dense_ffn"],
                      "peak_mb": temp_mb[name], "reps": reps[name]}
     r = results[name]
-    print(f"{name:22s} {r['ms']:9.1f} {r['ratio_to_dense']:8.2f} {r['peak_mb']:9.1f}  {reps[name]}")
+    print(f"{name:26s} {r['ms']:9.1f} {r['ratio_to_dense']:8.2f} {r['peak_mb']:9.1f}  {reps[name]}")
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps({"shape": shape, "results": results}, indent=1))
   return results

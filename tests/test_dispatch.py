@@ -16,21 +16,31 @@ from flax import nnx
 
 import dsmoe
 from dsmoe import dispatch
-from dsmoe.dispatch import ExpertWeights
+from dsmoe.dispatch import ExpertWeights, dropless
 from dsmoe.model import Transformer
 from tests.conftest import load_config
 
 D, H = 16, 8
 
-# (impl, gmm_backend, block_size); capacity is run with a factor that fits all.
+# (impl, gmm_backend, block_size, blocked strategy); capacity is run with a
+# factor that fits all. "loop" is the CPU strategy, "batched" the GPU one.
 PATHS = [
-    ("dropless", "blocked", 4),
-    ("dropless", "blocked", 1),
-    ("dropless", "blocked", 64),
-    ("dropless", "ragged_dot", 64),
-    ("capacity", "blocked", 64),
-    ("auto", "ragged_dot", 8),
+    ("dropless", "blocked", 4, "loop"),
+    ("dropless", "blocked", 1, "loop"),
+    ("dropless", "blocked", 64, "loop"),
+    ("dropless", "blocked", 4, "batched"),
+    ("dropless", "ragged_dot", 64, "loop"),
+    ("capacity", "blocked", 64, "loop"),
+    ("capacity", "blocked", 64, "batched"),
+    ("auto", "ragged_dot", 8, "loop"),
 ]
+
+
+@pytest.fixture
+def strategy(request, monkeypatch):
+  """Forces the blocked strategy ("loop" / "batched") whatever the platform."""
+  monkeypatch.setattr(dropless, "blocked_strategy", lambda platform=None: request.param)
+  return request.param
 
 
 def moe_cfg(impl="dense", backend="ragged_dot", block_size=64, factor=1.25,
@@ -78,10 +88,10 @@ def assert_same(a, b, rtol=2e-4, atol=2e-5):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("impl,backend,block_size", PATHS)
+@pytest.mark.parametrize("impl,backend,block_size,strategy", PATHS, indirect=["strategy"])
 @pytest.mark.parametrize("t,e,k,mode", [(13, 6, 2, "random"), (24, 12, 3, "few_experts"),
                                         (17, 8, 3, "one_expert"), (5, 4, 1, "random")])
-def test_matches_dense_when_nothing_dropped(impl, backend, block_size, t, e, k, mode):
+def test_matches_dense_when_nothing_dropped(impl, backend, block_size, strategy, t, e, k, mode):
   x, idx, weight, experts = make_case(t + e, t, e, k, mode=mode)
   ref, ref_grads = value_and_grads(moe_cfg("dense"), x, idx, weight, experts)
   moe = moe_cfg(impl, backend, block_size, factor=float(e))  # capacity: C >= T
@@ -104,9 +114,10 @@ def np_kept(idx, weight, e, cap, policy):
   return kept
 
 
+@pytest.mark.parametrize("strategy", ["loop", "batched"], indirect=True)
 @pytest.mark.parametrize("policy", ["position", "score"])
 @pytest.mark.parametrize("factor", [0.5, 1.0])
-def test_capacity_drops_the_expected_pairs(policy, factor):
+def test_capacity_drops_the_expected_pairs(policy, factor, strategy):
   t, e, k = 12, 4, 2
   rng = np.random.default_rng(3)
   # expert 0 is everyone's first choice: it overflows; the rest is random.
@@ -144,7 +155,8 @@ def test_capacity_eval_factor():
                .dropped_fraction) > 0
 
 
-def test_capacity_buffer_has_no_one_hot():
+@pytest.mark.parametrize("strategy", ["loop", "batched"], indirect=True)
+def test_capacity_buffer_has_no_one_hot(strategy):
   """The compiled capacity dispatch holds no T x E x C array (index-based)."""
   t, e, k = 256, 16, 2
   x, idx, weight, experts = make_case(2, t, e, k)
@@ -201,6 +213,8 @@ def test_auto_resolves_per_platform():
   assert dispatch.resolve_impl("auto") == "dropless"
   assert dispatch.auto_backend("tpu") == "ragged_dot"
   assert dispatch.auto_backend("cpu") == dispatch.auto_backend("gpu") == "blocked"
+  assert dropless.blocked_strategy("cpu") == "loop"
+  assert dropless.blocked_strategy("gpu") == "batched"
   with pytest.raises(ValueError, match="impl"):
     dispatch.get("nope")
 

@@ -6,6 +6,10 @@ Steps:
   2. "blocked" (gmm_blocked.py): one loop over the single-expert blocks that
      gathers each block's token rows, runs the expert's SwiGLU and
      scatter-adds gate * output into y_td, with a hand-written backward loop;
+     This is the "loop" strategy, used on CPU; elsewhere (GPU) "blocked" uses
+     the "batched" strategy: permute into a padded buffer x_pd [P, D] and
+     run batched matmuls with per-block weights (gmm_batched.py), then
+     combine as below;
   2'. "ragged_dot": permute the token rows into a buffer x_pd [T*K, D],
      lax.ragged_dot SwiGLU, then combine: gather each pair's row back and sum
      with the gate weights (gather-only backwards, see permute.py).
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 
 from dsmoe.dispatch import layout as layout_lib
 from dsmoe.dispatch.common import DispatchResult, ExpertWeights, no_drops
+from dsmoe.dispatch import gmm_batched
 from dsmoe.dispatch.gmm_blocked import blocked_moe
 from dsmoe.dispatch.permute import combine, permute
 
@@ -34,6 +39,17 @@ def auto_backend(platform: str | None = None) -> str:
   """
   platform = platform or jax.default_backend()
   return "ragged_dot" if platform == "tpu" else "blocked"
+
+
+def blocked_strategy(platform: str | None = None) -> str:
+  """How "blocked" runs: one fused loop on CPU, batched matmuls elsewhere.
+
+  "loop" (gmm_blocked.py) moves the least memory but runs small ops per
+  block: best on a CPU. "batched" (gmm_batched.py) runs a few large kernels
+  on a materialised [NB, B, D] buffer: meant for GPUs (kernel launches).
+  """
+  platform = platform or jax.default_backend()
+  return "loop" if platform == "cpu" else "batched"
 
 
 def auto_block_size(num_pairs: int, num_experts: int, cap: int = 128) -> int:
@@ -63,23 +79,30 @@ def ragged_swiglu(x_sd, group_sizes_e, experts: ExpertWeights):
 
 
 def dispatch_with(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, backend: str,
-                  block_size: int) -> DispatchResult:
-  """The dropless path with an explicit grouped-matmul backend."""
+                  block_size: int, strategy: str | None = None) -> DispatchResult:
+  """The dropless path with an explicit backend (and "blocked" strategy)."""
   if backend not in BACKENDS:
     raise ValueError(f"config.model.moe.gmm_backend={backend!r} is not available "
                      f"in XLA; use one of {list(BACKENDS)}")
   num_experts = experts.w_gate_edh.shape[0]
   w = cast(experts, x_td.dtype)
-  if backend == "blocked":
+  strategy = strategy or blocked_strategy()
+  if backend == "blocked" and strategy == "loop":
     lay = layout_lib.blocked_layout(idx_tk, num_experts, block_size)
     weight_bs = gate_per_row(weight_tk, lay.pair_p).reshape(-1, block_size)  # [NB,B]
     y_td = blocked_moe(x_td, weight_bs, w, lay.token_p.reshape(-1, block_size),
                        lay.block_end_e)  # [T,D]
     return DispatchResult(y_td, no_drops())
-  lay = layout_lib.blocked_layout(idx_tk, num_experts, 1)  # sorted, no padding
-  x_pd = permute(x_td, lay.token_p, lay.row_tk, False)  # [P=S,D]
-  sizes_e = jnp.bincount(idx_tk.reshape(-1), length=num_experts).astype(jnp.int32)
-  y_pd = ragged_swiglu(x_pd, sizes_e, w)  # [P,D]
+  block = block_size if backend == "blocked" else 1  # 1: sorted, no padding
+  lay = layout_lib.blocked_layout(idx_tk, num_experts, block)
+  x_pd = permute(x_td, lay.token_p, lay.row_tk, False)  # [P,D]
+  if backend == "blocked":  # strategy "batched"
+    x_bsd = x_pd.reshape(-1, block, x_pd.shape[-1])  # [NB,B,D]
+    w_b = gmm_batched.per_block(w, gmm_batched.block_experts(lay.block_end_e, x_bsd.shape[0]))
+    y_pd = gmm_batched.batched_swiglu(x_bsd, w_b).reshape(x_pd.shape)  # [P,D]
+  else:
+    sizes_e = jnp.bincount(idx_tk.reshape(-1), length=num_experts).astype(jnp.int32)
+    y_pd = ragged_swiglu(x_pd, sizes_e, w)  # [P,D]
   y_td = combine(y_pd, weight_tk, lay.row_tk, lay.token_p, lay.pair_p, False)  # [T,D]
   return DispatchResult(y_td, no_drops())
 
