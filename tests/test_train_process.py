@@ -86,11 +86,12 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bitwise_exact(reference, tmp_path):
+@pytest.mark.parametrize("every", [4, 1])  # 1: the kill mostly lands in a save
+def test_sigkill_then_resume_is_bitwise_exact(reference, tmp_path, every):
   kill_at = random.randint(2, STEPS - 3)
   print(f"killing at step {kill_at}")
   workdir = tmp_path / "run"
-  proc = _start(workdir, RUN)
+  proc = _start(workdir, {**RUN, "train.checkpoint_every": every})
   _wait_for_step(workdir, kill_at, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
