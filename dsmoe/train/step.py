@@ -93,6 +93,11 @@ def _grads(graphdef, params, rest, batch, accum: int):
   return grads, ce_sum, n_tokens, aux
 
 
+def global_norm(tree) -> jax.Array:
+  """sqrt of the sum of squares of every leaf (float32), before clipping."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def _select(ok, new, old):
   return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
@@ -102,7 +107,7 @@ def train_step(state, batch, *, graphdef, tx, schedule, accum: int, skip_nonfini
   params = state["params"]
   grads, ce_sum, n_tokens, aux = _grads(graphdef, params, state["rest"], batch, accum)
   loss = ce_sum / n_tokens
-  grad_norm = optax.global_norm(grads)
+  grad_norm = global_norm(grads)
   aux_losses = aux["losses"]
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   for v in aux_losses.values():
