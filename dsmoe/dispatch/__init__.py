@@ -18,7 +18,9 @@ Implementations (`moe.impl`):
   dense     reference: every expert on every token (tests, tiny models);
   capacity  Switch/GShard expert buffers of fixed capacity (drops overflow);
   dropless  sort by expert + grouped matmul (`moe.gmm_backend`: "blocked"
-            or "ragged_dot"; "pallas" is milestone M3);
+            or "ragged_dot"; "pallas" is milestone M3). "blocked" runs as one
+            fused loop over single-expert blocks on CPU (gmm_blocked.py) and
+            as batched matmuls elsewhere (gmm_batched.py);
   auto      dropless with the best backend for the platform: "ragged_dot" on
             TPU (native grouped matmul), "blocked" elsewhere (XLA's ragged_dot
             densifies on CPU), with a block size chosen from the shape
@@ -46,9 +48,11 @@ def resolve_impl(impl: str) -> str:
 def _auto(x_td, idx_tk, weight_tk, experts, *, moe, train) -> DispatchResult:
   del moe, train
   num_pairs, num_experts = idx_tk.size, experts.w_gate_edh.shape[0]
+  # The batched strategy gathers weights per block: larger blocks, fewer copies.
+  cap = 128 if dropless.blocked_strategy() == "loop" else 256
   return dropless.dispatch_with(
       x_td, idx_tk, weight_tk, experts, backend=dropless.auto_backend(),
-      block_size=dropless.auto_block_size(num_pairs, num_experts))
+      block_size=dropless.auto_block_size(num_pairs, num_experts, cap))
 
 
 def get(impl: str):

@@ -1,12 +1,14 @@
-"""Blocked MoE in plain XLA: one loop over single-expert blocks of rows.
+"""Blocked MoE in plain XLA: loops over single-expert blocks of rows (CPU).
 
 The layout (layout.py) assigns every kept (token, slot) pair a row of a
-virtual buffer of P = NB * B rows, sorted by expert, such that block b (rows
-b*B .. b*B+B-1) belongs to expert block_expert_b[b]; token_p [P] and
-weight_p [P] give each row's token and gate (0 for padding and dropped rows).
+virtual buffer of P = NB * B rows, sorted by expert, such that expert e owns
+blocks block_end_e[e-1] .. block_end_e[e]-1 (B rows each); token_bs and
+weight_bs [NB, B] give each row's token and gate (0 for padding and dropped
+rows).
 
-The buffer is never materialised. A loop over the `num_blocks` used blocks
-does, per block:
+The buffer is never materialised. A loop over the experts slices expert e's
+three weight matrices once; an inner loop over e's blocks (a dynamic count,
+so unused blocks cost nothing) does, per block:
 
   1. gather its B token rows from x_td (they stay in cache);
   2. SwiGLU with the block's expert, read in place: three [B, D] x [D, H]
@@ -15,10 +17,11 @@ does, per block:
 
 This moves no [T*K, D] array through memory, only x_td, y_td and the
 [P, H] activations; on a bandwidth-bound CPU that is most of the cost of a
-dispatch. The backward (custom_vjp) is a second loop: per block it gathers
-dy rows, computes dx rows (scatter-added into dx_td), the gate gradients
-<SwiGLU(x), dy> and the three weight gradients of its expert, accumulated
-in float32 in place. The forward saves only the gate/up activations g, u.
+dispatch. The backward (custom_vjp) is a second pair of loops: per block it
+gathers dy rows, computes dx rows (scatter-added into dx_td), the gate
+gradients <SwiGLU(x), dy> and the expert's three weight gradients, summed in
+float32 in the loop carry and written once per expert. The forward saves
+only the gate/up activations g, u [NB, B, H].
 """
 
 from __future__ import annotations

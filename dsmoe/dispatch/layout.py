@@ -5,10 +5,10 @@ grouped by expert, runs the experts on that buffer, and brings the rows back.
 A `Layout` holds the integer maps between the two orders (no gradients):
 
   row_tk     [T, K] buffer row of each pair; P (out of range) if dropped
-  token_p    [P]    token of each buffer row (0 for padding: harmless, never read back)
+  token_p    [P]    token of each buffer row (0 for padding rows, whose gate is 0)
   pair_p     [P]    flat pair index s = t*K + k of each row; S = T*K for padding
   block_end_e [E]   expert e owns blocks block_end_e[e-1] .. block_end_e[e]-1
-  dropped        []    number of dropped pairs (float32)
+  dropped    []     number of dropped pairs (float32)
 
 Two layouts:
   * `blocked_layout`: sorted by expert, each expert's rows padded to a multiple
@@ -65,8 +65,7 @@ def blocked_layout(idx_tk: jax.Array, num_experts: int, block: int) -> Layout:
 
   Steps: 1. rank of each pair within its expert (stable sort by expert);
   2. padded sizes ceil(n_e / block) * block and their offsets;
-  3. row = padded offset of the expert + rank; 4. inverse maps; 5. the
-  expert of each block (blocks past the last used one get expert E-1).
+  3. row = padded offset of the expert + rank; 4. inverse maps.
   """
   t, k = idx_tk.shape
   expert_s = idx_tk.reshape(-1).astype(jnp.int32)  # [S]
