@@ -8,8 +8,9 @@ data_cache/tfds), SentencePiece BPE with 2048 pieces (trained in ~1 s, cached).
 
     python scripts/train.py --config configs/tiny.py --workdir runs/tiny
 
-Expected on 2 CPU cores: 300 steps in a few minutes; the loss falls from
-ln(vocab) ~ 6.2 to below 2.5.
+Expected on 2 CPU cores: 300 steps in about 2 minutes on an idle machine
+(`make train`); the cross-entropy falls from ln(2048) ~ 7.6 to about 4.5 and
+the final validation loss is about 5.0 (perplexity ~140).
 """
 
 from dsmoe.config import base_config
