@@ -283,12 +283,15 @@ def main(argv=None):
     reps[name] = n
   ms = measure_all(runs, reps)
   results = {}
-  print(f"{'case':26s} {'ms':>9s} {'min ms':>9s} {'x dense':>8s} {'temp MiB':>9s}  reps")
+  print(f"{'case':26s} {'ms':>9s} {'min ms':>9s} {'x dense':>8s} {'ms/dense':>8s} "
+        f"{'temp MiB':>9s}  reps")
   for name in runs:
     med, low, ratio = ms[name]
     results[name] = {"ms": med, "min_ms": low, "ratio_to_dense": ratio,
+                     "ms_over_dense_ms": med / ms["dense_ffn"][0],
                      "peak_mb": temp_mb[name], "reps": reps[name]}
-    print(f"{name:26s} {med:9.1f} {low:9.1f} {ratio:8.2f} {temp_mb[name]:9.1f}  {reps[name]}")
+    print(f"{name:26s} {med:9.1f} {low:9.1f} {ratio:8.2f} {med / ms['dense_ffn'][0]:8.2f} "
+          f"{temp_mb[name]:9.1f}  {reps[name]}")
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps({"shape": shape, "results": results}, indent=1))
   return results
