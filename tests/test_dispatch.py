@@ -36,6 +36,13 @@ PATHS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def full_precision_matmuls():
+  """float32 matmuls in full precision (GPUs default to TF32 otherwise)."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 @pytest.fixture
 def strategy(request, monkeypatch):
   """Forces the blocked strategy ("loop" / "batched") whatever the platform."""
