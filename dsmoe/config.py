@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.num_device_groups = 1  # D groups of consecutive routed experts
   e.impl = "auto"  # "dense" (reference), "dropless", "capacity", "auto"
   e.gmm_backend = "blocked"  # dropless grouped matmul backend ("auto" picks its own)
-  e.block_size = 64  # token block of the "blocked" backend
+  e.block_size = 128  # rows per block of the "blocked" backend ("auto" picks its own)
   e.capacity_factor = 1.25  # capacity = factor * tokens * top_k / experts
   e.eval_capacity_factor = 0.0  # 0: never drop at evaluation
   e.drop_policy = "position"  # "position" or "score"
