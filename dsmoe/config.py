@@ -12,7 +12,8 @@ MoE sizes can be given in two ways:
   with N coarse experts, segmentation factor m, K coarse experts per token,
   K_s shared experts and the standard FFN hidden size. :func:`resolve`
   derives ``mN - K_s`` routed experts, top-``(mK - K_s)`` and expert hidden
-  ``ffn_hidden / m``.
+  ``ffn_hidden / m``; an explicit size that is also set wins over the derived
+  one, so ``--config.model.moe.num_routed_experts=32`` works on any config.
 
 :func:`validate` checks every rule before anything is traced and raises one
 ``ValueError`` naming the key and the rule.
@@ -29,6 +30,7 @@ SCORE_FNS = ("softmax", "sigmoid")
 ROUTERS = ("topk", "hash")
 DROP_POLICIES = ("position", "score")
 DTYPES = ("float32", "bfloat16")
+EXPLICIT_SIZES = ("num_routed_experts", "num_shared_experts", "top_k", "expert_hidden")
 SCHEDULES = ("paper_step", "cosine", "constant")
 
 
@@ -125,11 +127,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates `config` and returns a copy with MoE sizes filled in."""
   validate(config)
   out = ml_collections.ConfigDict(config.to_dict())
-  moe = out.model.moe
-  fg = moe.fine_grained
-  if fg.N > 0:
-    for key, value in fine_grained(fg.N, fg.m, fg.K, fg.K_s, fg.ffn_hidden).items():
-      moe[key] = value
+  out.model.moe.update(moe_sizes(out.model.moe))
   return out
 
 
@@ -149,38 +147,45 @@ def _one_of(cfg, prefix: str, key: str, choices) -> None:
     _fail(f"{prefix}.{key}", f"must be one of {list(choices)}", cfg[key])
 
 
-def _validate_moe_sizes(e) -> tuple[int, int, int, int]:
+def _validate_fine_grained(fg) -> None:
+  _positive(fg, "model.moe.fine_grained", ("N", "m", "K", "ffn_hidden"))
+  if fg.K_s < 0:
+    _fail("model.moe.fine_grained.K_s", "must be >= 0", fg.K_s)
+  if fg.ffn_hidden % fg.m:
+    _fail("model.moe.fine_grained.m", "the segmentation factor m must divide "
+          f"the FFN hidden size ffn_hidden={fg.ffn_hidden}", fg.m)
+  if fg.K_s >= fg.m * fg.N:
+    _fail("model.moe.fine_grained.K_s", "shared experts must be fewer than "
+          f"the m*N={fg.m * fg.N} total experts", fg.K_s)
+  if fg.m * fg.K - fg.K_s < 1:
+    _fail("model.moe.fine_grained.K", "m*K - K_s routed experts per token "
+          "must be >= 1", fg.K)
+
+
+def moe_sizes(e) -> dict:
+  """The four MoE sizes: explicit keys win over those derived from the paper form."""
+  sizes = {k: e[k] for k in EXPLICIT_SIZES}
   fg = e.fine_grained
-  explicit = ("num_routed_experts", "num_shared_experts", "top_k", "expert_hidden")
   if fg.N > 0:
-    for k in explicit:
-      if e[k] is not None:
-        _fail(f"model.moe.{k}", "set either model.moe.fine_grained (paper "
-              "form) or the explicit sizes, not both", e[k])
-    _positive(fg, "model.moe.fine_grained", ("N", "m", "K", "ffn_hidden"))
-    if fg.K_s < 0:
-      _fail("model.moe.fine_grained.K_s", "must be >= 0", fg.K_s)
-    if fg.ffn_hidden % fg.m:
-      _fail("model.moe.fine_grained.m", "the segmentation factor m must divide "
-            f"the FFN hidden size ffn_hidden={fg.ffn_hidden}", fg.m)
-    if fg.K_s >= fg.m * fg.N:
-      _fail("model.moe.fine_grained.K_s", "shared experts must be fewer than "
-            f"the m*N={fg.m * fg.N} total experts", fg.K_s)
-    if fg.m * fg.K - fg.K_s < 1:
-      _fail("model.moe.fine_grained.K", "m*K - K_s routed experts per token "
-            "must be >= 1", fg.K)
-    d = fine_grained(fg.N, fg.m, fg.K, fg.K_s, fg.ffn_hidden)
-    return d["num_routed_experts"], d["num_shared_experts"], d["top_k"], d["expert_hidden"]
-  for k in explicit:
-    if e[k] is None:
+    derived = fine_grained(fg.N, fg.m, fg.K, fg.K_s, fg.ffn_hidden)
+    sizes = {k: derived[k] if v is None else v for k, v in sizes.items()}
+  return sizes
+
+
+def _validate_moe_sizes(e) -> tuple[int, int, int, int]:
+  if e.fine_grained.N > 0:
+    _validate_fine_grained(e.fine_grained)
+  sizes = moe_sizes(e)
+  for k, v in sizes.items():
+    if v is None:
       _fail(f"model.moe.{k}", "must be set (or give model.moe.fine_grained)", None)
-  _positive(e, "model.moe", ("num_routed_experts", "top_k", "expert_hidden"))
-  if e.num_shared_experts < 0:
-    _fail("model.moe.num_shared_experts", "must be >= 0", e.num_shared_experts)
-  if e.top_k > e.num_routed_experts:
+  _positive(sizes, "model.moe", ("num_routed_experts", "top_k", "expert_hidden"))
+  if sizes["num_shared_experts"] < 0:
+    _fail("model.moe.num_shared_experts", "must be >= 0", sizes["num_shared_experts"])
+  if sizes["top_k"] > sizes["num_routed_experts"]:
     _fail("model.moe.top_k", "must not exceed model.moe.num_routed_experts="
-          f"{e.num_routed_experts}", e.top_k)
-  return e.num_routed_experts, e.num_shared_experts, e.top_k, e.expert_hidden
+          f"{sizes['num_routed_experts']}", sizes["top_k"])
+  return tuple(sizes[k] for k in EXPLICIT_SIZES)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

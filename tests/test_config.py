@@ -1,10 +1,14 @@
 """Each impossible config raises one ValueError naming the key and the rule."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 from ml_collections import config_flags  # noqa: F401  (import check)
 
 import dsmoe
-from tests.conftest import load_config
+from tests.conftest import ROOT, load_config
 
 CASES = [
     # (description, mutation, expected substring of the error)
@@ -31,8 +35,8 @@ CASES = [
     ("negative a2", lambda c: setattr(c.model.moe, "device_balance_alpha", -1.0),
      "config.model.moe.device_balance_alpha=-1.0"),
     ("seq_len < 1", lambda c: setattr(c.data, "seq_len", 0), "config.data.seq_len=0"),
-    ("both size forms", lambda c: setattr(c.model.moe, "num_routed_experts", 32),
-     "config.model.moe.num_routed_experts=32"),
+    ("override below derived top-k", lambda c: setattr(c.model.moe, "num_routed_experts", 4),
+     "config.model.moe.top_k=6"),
     ("device groups do not divide experts", lambda c: setattr(c.model.moe, "num_device_groups", 4),
      "config.model.moe.num_device_groups=4"),
     ("hash router with top-k > 1", lambda c: setattr(c.model.moe, "router", "hash"),
@@ -92,3 +96,34 @@ def test_ablation_variants_keep_expert_parameters_equal():
 def test_ablation_unknown_variant():
   with pytest.raises(ValueError, match="unknown variant 'foo'"):
     load_config("ablation", "foo")
+
+
+def test_explicit_size_overrides_the_paper_form():
+  c = load_config("tiny")  # fine_grained N=8, m=4, K=2, K_s=2 -> 30 routed, top-6
+  c.model.moe.num_routed_experts = 32
+  moe = dsmoe.resolve(c).model.moe
+  assert (moe.num_routed_experts, moe.top_k, moe.num_shared_experts, moe.expert_hidden) == (32, 6, 2, 64)
+
+
+PROBE = """
+from absl import app, flags
+from ml_collections import config_flags
+config_flags.DEFINE_config_file("config", None, "", lock_config=True)
+def main(_):
+  import dsmoe
+  print("routed", dsmoe.resolve(flags.FLAGS.config).model.moe.num_routed_experts)
+app.run(main)
+"""
+
+
+def test_command_line_override_works_with_lock_config(tmp_path):
+  probe = tmp_path / "probe.py"
+  probe.write_text(PROBE)
+  base = [sys.executable, str(probe), "--config", str(ROOT / "configs" / "tiny.py")]
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  ok = subprocess.run(base + ["--config.model.moe.num_routed_experts=32"],
+                      capture_output=True, text=True, env=env, timeout=120)
+  assert ok.returncode == 0 and "routed 32" in ok.stdout, ok.stderr[-2000:]
+  bad = subprocess.run(base + ["--config.model.moe.num_routed_expertz=3"],
+                       capture_output=True, text=True, env=env, timeout=120)
+  assert bad.returncode != 0 and "num_routed_expertz" in bad.stderr
