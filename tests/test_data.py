@@ -255,26 +255,29 @@ def assert_nothing_built(data_dir):
   assert not [f for f in found if f.endswith(".json")]
 
 
-def test_missing_directory(tmp_path):
-  c = make_config(tmp_path, tmp_path / "nope")
-  with pytest.raises(FileNotFoundError, match=r"data.text_dir.*nope.*does not exist"):
-    make_loader(c, process_index=0, process_count=1)
-  assert_nothing_built(tmp_path / "cache")
+def _missing(root):
+  return root / "nope"
 
 
-def test_empty_directory(tmp_path):
-  (tmp_path / "text").mkdir()
-  c = make_config(tmp_path, tmp_path / "text")
-  with pytest.raises(ValueError, match=r"data.text_dir.*text.*is empty"):
-    make_loader(c, process_index=0, process_count=1)
-  assert_nothing_built(tmp_path / "cache")
+def _empty(root):
+  (root / "text").mkdir()
+  return root / "text"
 
 
-def test_no_text_files(tmp_path):
-  (tmp_path / "text").mkdir()
-  (tmp_path / "text" / "image.png").write_bytes(b"\x89PNG\x00\x01")
-  c = make_config(tmp_path, tmp_path / "text")
-  with pytest.raises(ValueError, match=r"no text files matching \*\.txt"):
+def _no_text_files(root):
+  (root / "text").mkdir()
+  (root / "text" / "image.png").write_bytes(b"\x89PNG\x00\x01")
+  return root / "text"
+
+
+@pytest.mark.parametrize("make_dir,error,pattern", [
+    (_missing, FileNotFoundError, r"data.text_dir.*nope.*does not exist"),
+    (_empty, ValueError, r"data.text_dir.*text.*is empty"),
+    (_no_text_files, ValueError, r"no text files matching \*\.txt"),
+], ids=["missing_directory", "empty_directory", "no_text_files"])
+def test_bad_text_dir(tmp_path, make_dir, error, pattern):
+  c = make_config(tmp_path, make_dir(tmp_path))
+  with pytest.raises(error, match=pattern):
     make_loader(c, process_index=0, process_count=1)
   assert_nothing_built(tmp_path / "cache")
 
