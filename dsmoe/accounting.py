@@ -26,8 +26,11 @@ from dsmoe.model import Transformer
 
 def abstract_model(config: ml_collections.ConfigDict) -> Transformer:
   """The model with ShapeDtypeStruct leaves (jax.eval_shape, no allocation)."""
-  cfg = config_lib.resolve(config).model
-  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  return _abstract(config_lib.resolve(config).model)
+
+
+def _abstract(model_cfg: ml_collections.ConfigDict) -> Transformer:
+  return nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
 
 
 def _size(path_leaves) -> int:
@@ -37,7 +40,7 @@ def _size(path_leaves) -> int:
 def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
   """{"total", "activated", "embedding"} parameter counts (see module docstring)."""
   cfg = config_lib.resolve(config).model
-  state = nnx.state(abstract_model(config), nnx.Param)
+  state = nnx.state(_abstract(cfg), nnx.Param)
   leaves = list(jax.tree_util.tree_leaves_with_path(state))
   total = _size(leaves)
   routed_names = ("w_gate_edh", "w_up_edh", "w_down_ehd")
