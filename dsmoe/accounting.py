@@ -17,35 +17,36 @@ from __future__ import annotations
 import math
 
 import jax
-import ml_collections
 from flax import nnx
 
 from dsmoe import config as config_lib
 from dsmoe.model import Transformer
+from dsmoe.spec import ModelSpec
+
+ROUTED_EXPERT_WEIGHTS = ("w_gate_edf", "w_up_edf", "w_down_efd")
 
 
-def abstract_model(config: ml_collections.ConfigDict) -> Transformer:
+def abstract_model(config) -> Transformer:
   """The model with ShapeDtypeStruct leaves (jax.eval_shape, no allocation)."""
   return _abstract(config_lib.resolve(config).model)
 
 
-def _abstract(model_cfg: ml_collections.ConfigDict) -> Transformer:
-  return nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+def _abstract(spec: ModelSpec) -> Transformer:
+  return nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(0)))
 
 
 def _size(path_leaves) -> int:
   return sum(math.prod(x.shape) for _, x in path_leaves)
 
 
-def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
+def count_params(config) -> dict[str, int]:
   """{"total", "activated", "embedding"} parameter counts (see module docstring)."""
   cfg = config_lib.resolve(config).model
   state = nnx.state(_abstract(cfg), nnx.Param)
   leaves = list(jax.tree_util.tree_leaves_with_path(state))
   total = _size(leaves)
-  routed_names = ("w_gate_edh", "w_up_edh", "w_down_ehd")
   routed = _size([(p, x) for p, x in leaves
-                  if any(getattr(k, "key", None) in routed_names for k in p)])
+                  if any(getattr(k, "key", None) in ROUTED_EXPERT_WEIGHTS for k in p)])
   embedding = _size([(p, x) for p, x in leaves
                      if any(getattr(k, "key", None) in ("table_vd", "w_head_dv") for k in p)])
   moe = cfg.moe
@@ -53,12 +54,12 @@ def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
   return {"total": total, "activated": total - inactive, "embedding": embedding}
 
 
-def flops_per_token(config: ml_collections.ConfigDict, seq_len: int | None = None) -> float:
+def flops_per_token(config, seq_len: int | None = None) -> float:
   """Training (forward + backward) FLOPs per token, DeepSeek LLM convention."""
   cfg = config_lib.resolve(config)
   counts = count_params(config)
   seq_len = seq_len or cfg.data.seq_len
   m = cfg.model
-  d_attn = m.num_heads * (m.head_dim or m.d_model // m.num_heads)
+  d_attn = m.num_heads * m.head_dim
   non_embedding = counts["activated"] - counts["embedding"]
   return 6.0 * non_embedding + 12.0 * m.num_layers * d_attn * seq_len

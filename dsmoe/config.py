@@ -21,11 +21,17 @@ MoE sizes can be given in two ways:
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
-IMPLS = ("dense", "dropless", "capacity", "auto")
-GMM_BACKENDS = ("ragged_dot", "blocked", "pallas")
+from dsmoe.spec import MoESpec, ModelSpec, Spec
+
+IMPLS = ("dense", "dropless", "capacity")
+GMM_BACKENDS = ("auto", "blocked", "ragged_dot", "pallas")
+GMM_STRATEGIES = ("auto", "loop", "batched")
 SCORE_FNS = ("softmax", "sigmoid")
 ROUTERS = ("topk", "hash")
 DROP_POLICIES = ("position", "score")
@@ -68,9 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
   e.seq_aux = True  # expert balance computed per sequence (released 16B)
   e.device_balance_alpha = 0.0  # a2, device-level balance
   e.num_device_groups = 1  # D groups of consecutive routed experts
-  e.impl = "auto"  # "dense" (reference), "dropless", "capacity", "auto"
-  e.gmm_backend = "blocked"  # dropless grouped matmul backend ("auto" picks its own)
-  e.block_size = 128  # rows per block of the "blocked" backend ("auto" picks its own)
+  e.impl = "dropless"  # "dense" (reference), "dropless", "capacity"
+  e.gmm_backend = "auto"  # grouped matmul: "auto", "blocked", "ragged_dot"
+  e.gmm_strategy = "auto"  # how "blocked" runs: "auto", "loop" (CPU), "batched" (GPU)
+  e.block_size = 0  # rows per single-expert block of "blocked"; 0: chosen from the shape
   e.capacity_factor = 1.25  # capacity = factor * tokens * top_k / experts
   e.eval_capacity_factor = 0.0  # 0: never drop at evaluation
   e.drop_policy = "position"  # "position" or "score"
@@ -113,7 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.eval_every = 0  # evaluate every N steps (0: only at the end)
   t.eval_batches = 4  # validation batches per evaluation
 
-  c.mesh = ml_collections.ConfigDict(dict(data=1, expert=1))
+  c.mesh = mesh = ml_collections.ConfigDict()  # device mesh (docs/TRAINING.md)
+  mesh.data = -1  # data-parallel devices; -1: all of them
+  mesh.expert = 1  # expert-parallel devices (> 1 arrives with milestone M6)
   return c
 
 
@@ -123,12 +132,61 @@ def fine_grained(N: int, m: int, K: int, K_s: int, ffn_hidden: int) -> dict:
               top_k=m * K - K_s, expert_hidden=ffn_hidden // m)
 
 
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Validates `config` and returns a copy with MoE sizes filled in."""
+def resolve(config) -> Spec:
+  """Validates `config` and returns its frozen, hashable :class:`Spec`.
+
+  MoE sizes given in the paper's form are filled in, ``head_dim=0`` becomes
+  ``d_model // num_heads``. A `Spec` passes through unchanged.
+  """
+  if isinstance(config, Spec):
+    return config
   validate(config)
-  out = ml_collections.ConfigDict(config.to_dict())
-  out.model.moe.update(moe_sizes(out.model.moe))
-  return out
+  m = config.model
+  moe = dict(m.moe.to_dict(), **moe_sizes(m.moe))
+  del moe["fine_grained"]
+  model = dict(m.to_dict(), moe=MoESpec(**moe),
+               head_dim=m.head_dim or m.d_model // m.num_heads)
+  return Spec(model=ModelSpec(**model), data=_frozen(config.data),
+              train=_frozen(config.train), mesh=_frozen(config.mesh))
+
+
+def _frozen(c: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
+  return ml_collections.FrozenConfigDict(c)
+
+
+def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The ConfigDict of a config file: ``get_config(arg)``.
+
+  `name` is a path (``"configs/ablation.py"``) or the name of a config shipped
+  with the package (``"tiny"``, ``"ablation"``); ``"name:arg"`` also gives the
+  argument, as on the command line (``load("ablation:gshard")``). Shipped
+  names resolve from the installed ``configs`` package, not from the current
+  folder.
+  """
+  if arg is None and ":" in name and not os.path.exists(name):
+    name, arg = name.rsplit(":", 1)
+  path = name if name.endswith(".py") or os.sep in name else None
+  if path is None:
+    spec = importlib.util.find_spec(f"configs.{name}")
+    if spec is None or spec.origin is None:
+      raise FileNotFoundError(f"no config named {name!r}; shipped configs: "
+                              f"{', '.join(shipped_configs())}")
+    path = spec.origin
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  mod_spec = importlib.util.spec_from_file_location(
+      f"dsmoe_config_{os.path.splitext(os.path.basename(path))[0]}", path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def shipped_configs() -> list[str]:
+  """Names of the config files in the installed ``configs`` package."""
+  import configs  # pylint: disable=g-import-not-at-top
+  folder = os.path.dirname(configs.__file__)
+  return sorted(f[:-3] for f in os.listdir(folder)
+                if f.endswith(".py") and not f.startswith("_"))
 
 
 def _fail(key: str, rule: str, value) -> None:
@@ -210,17 +268,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(e, "model.moe", "score_fn", SCORE_FNS)
   _one_of(e, "model.moe", "impl", IMPLS)
   _one_of(e, "model.moe", "gmm_backend", GMM_BACKENDS)
+  _one_of(e, "model.moe", "gmm_strategy", GMM_STRATEGIES)
   _one_of(e, "model.moe", "drop_policy", DROP_POLICIES)
   if e.router == "hash" and top_k != 1:
     _fail("model.moe.top_k", "the hash router picks exactly one expert (top_k=1)", top_k)
   if e.gmm_backend == "pallas":
     _fail("model.moe.gmm_backend", "the Pallas grouped matmul is not built yet "
-          "(milestone M3); use 'blocked' or 'ragged_dot'", e.gmm_backend)
+          "(milestone M3); use 'auto', 'blocked' or 'ragged_dot'", e.gmm_backend)
   for k in ("aux_loss_alpha", "device_balance_alpha"):
     if e[k] < 0:
       _fail(f"model.moe.{k}", "balance-loss weights must be >= 0", e[k])
   _positive(e, "model.moe", ("num_device_groups", "routed_scaling_factor",
-                             "capacity_factor", "block_size"))
+                             "capacity_factor"))
+  if not isinstance(e.block_size, int) or e.block_size < 0:
+    _fail("model.moe.block_size", "must be an integer >= 0 (0: chosen from the shape)",
+          e.block_size)
   if e.eval_capacity_factor < 0:
     _fail("model.moe.eval_capacity_factor", "must be >= 0 (0: no dropping)", e.eval_capacity_factor)
   if n_routed % e.num_device_groups:
@@ -244,14 +306,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("train.grad_accum_steps", "must divide train.batch_size="
           f"{t.batch_size}", t.grad_accum_steps)
 
-  _positive(config.mesh, "mesh", ("data", "expert"))
-  if n_routed % config.mesh.expert:
-    _fail("mesh.expert", f"must divide the number of routed experts ({n_routed})",
-          config.mesh.expert)
-  devices = config.mesh.data * config.mesh.expert
-  if t.batch_size % devices:
-    _fail("train.batch_size", f"must be divisible by the mesh size "
-          f"mesh.data*mesh.expert={devices}", t.batch_size)
+  validate_mesh(config.mesh, t.batch_size)
+
+
+def validate_mesh(mesh: ml_collections.ConfigDict, batch_size: int) -> None:
+  """The mesh is data parallel only until expert parallelism lands (M6)."""
+  if mesh.expert != 1:
+    _fail("mesh.expert", "expert parallelism is not built yet (milestone M6); "
+          "only a data-parallel mesh runs today: set mesh.expert=1", mesh.expert)
+  if not isinstance(mesh.data, int) or (mesh.data < 1 and mesh.data != -1):
+    _fail("mesh.data", "must be -1 (all devices) or a positive device count", mesh.data)
+  if mesh.data > 0 and batch_size % mesh.data:
+    _fail("train.batch_size", f"must be divisible by mesh.data={mesh.data}", batch_size)
 
 
 def validate_data(d: ml_collections.ConfigDict) -> None:

@@ -5,15 +5,14 @@
     python scripts/bench_data.py --config configs/tiny.py --batches 400 --steps 10
 
 Prints one line per measurement and a final JSON line. Both numbers count
-input tokens (batch * seq_len). The train step is forward + backward + AdamW
-of ``dsmoe.model.Transformer`` on the loader's batches, jitted, timed after
-one compile step. Headroom = loader tokens/s / train tokens/s (goal >= 10).
+input tokens (batch * seq_len). The train step is the trainer's own
+(dsmoe.train.step: forward + backward + AdamW) on the loader's batches,
+jitted, timed after one compile step. Headroom = loader tokens/s / train tokens/s (goal >= 10).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -21,19 +20,11 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
-import optax
-from flax import nnx
 
 import dsmoe
 from dsmoe.data import make_loader
-
-
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(None)
+from dsmoe.train import optimizer as optimizer_lib
+from dsmoe.train import step as step_lib
 
 
 def time_cold_start(config) -> float:
@@ -58,38 +49,19 @@ def loader_tokens_per_s(config, batches: int) -> float:
   return n / (time.perf_counter() - t0)
 
 
-def make_train_step(model_cfg, lr: float):
-  """(state, jitted step(state, batch) -> (state, loss)) for the model."""
-  model = dsmoe.model.Transformer(model_cfg, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
-  tx = optax.adamw(lr)
-
-  def loss_fn(params, batch):
-    logits, aux = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"])
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-    return nll.mean() + sum(aux["losses"].values(), 0.0)
-
-  @jax.jit
-  def step(state, batch):
-    params, opt_state = state
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
-
-  return (params, tx.init(params)), step
-
-
 def train_tokens_per_s(config, steps: int) -> float:
-  state, step = make_train_step(dsmoe.resolve(config).model, config.train.learning_rate)
-  it = iter(make_loader(config, process_index=0, process_count=1))
+  spec = dsmoe.resolve(config)
+  tx = optimizer_lib.make_optimizer(spec.train)
+  graphdef, state = step_lib.init_state(spec, tx)
+  step = step_lib.jit_train_step(spec, graphdef, tx)
+  it = iter(make_loader(spec, process_index=0, process_count=1))
   batches = [next(it) for _ in range(steps + 1)]
-  state, loss = step(state, batches[0])  # compile
-  loss.block_until_ready()
+  state, m = step(state, batches[0])  # compile
+  jax.block_until_ready(m)
   t0 = time.perf_counter()
   for b in batches[1:]:
-    state, loss = step(state, b)
-  loss.block_until_ready()
+    state, m = step(state, b)
+  jax.block_until_ready(m)
   return steps * batches[0]["inputs"].size / (time.perf_counter() - t0)
 
 
@@ -100,7 +72,7 @@ def main():
   parser.add_argument("--steps", type=int, default=10, help="train steps timed")
   parser.add_argument("--cold", action="store_true", help="also time a cold start")
   args = parser.parse_args()
-  config = load_config(args.config)
+  config = dsmoe.load(args.config)
   result = {"config": args.config, "cpu_cores": os.cpu_count(),
             "batch": config.train.batch_size, "seq_len": config.data.seq_len,
             "tokenizer": config.data.tokenizer, "vocab": config.model.vocab_size}

@@ -25,7 +25,7 @@ The gradient is taken w.r.t. the tokens, the gate weights and all weights.
     python scripts/bench_moe.py                       # default shape, float32
     python scripts/bench_moe.py --dtype bfloat16 --json /tmp/moe.json
 
-Runs without ml_collections (the `moe` argument is a SimpleNamespace).
+Runs without ml_collections (dsmoe.dispatch takes explicit arguments).
 """
 
 from __future__ import annotations
@@ -35,72 +35,47 @@ import json
 import pathlib
 import sys
 import time
-import types
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _import_dispatch():
-  """dsmoe.dispatch without dsmoe/__init__ when ml_collections is missing."""
-  sys.path.insert(0, str(ROOT))
-  try:
-    import ml_collections  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    have_ml_collections = True
-  except ImportError:
-    have_ml_collections = False
-  if not have_ml_collections and "dsmoe" not in sys.modules:
-    pkg = types.ModuleType("dsmoe")
-    pkg.__path__ = [str(ROOT / "dsmoe")]
-    sys.modules["dsmoe"] = pkg
-  import dsmoe.dispatch as dispatch  # pylint: disable=g-import-not-at-top
-  return dispatch
-
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-dispatch = _import_dispatch()
-
-
-def moe_namespace(impl: str, *, backend="blocked", block_size=64, capacity_factor=1.25,
-                  drop_policy="position"):
-  return types.SimpleNamespace(impl=impl, gmm_backend=backend, block_size=block_size,
-                               capacity_factor=capacity_factor, eval_capacity_factor=0.0,
-                               drop_policy=drop_policy)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from dsmoe import dispatch  # noqa: E402  (needs neither ml_collections nor data)
+from dsmoe.dispatch import capacity, dropless  # noqa: E402
 
 
 # ----------------------------------------------------------------------------
 # The layers under test: layer(x_td, idx_tk, weight_tk, params) -> y_td.
 # ----------------------------------------------------------------------------
 
-def dense_ffn(x_td, w1_dh, w2_dh, w3_hd):
+def dense_ffn(x_td, w1_df, w2_df, w3_fd):
   dt = x_td.dtype
-  g = jnp.einsum("td,dh->th", x_td, w1_dh.astype(dt))  # [T,K*H]
-  u = jnp.einsum("td,dh->th", x_td, w2_dh.astype(dt))  # [T,K*H]
-  return jnp.einsum("th,hd->td", jax.nn.silu(g) * u, w3_hd.astype(dt))  # [T,D]
+  g = jnp.einsum("td,df->tf", x_td, w1_df.astype(dt))  # [T,K*F]
+  u = jnp.einsum("td,df->tf", x_td, w2_df.astype(dt))  # [T,K*F]
+  return jnp.einsum("tf,fd->td", jax.nn.silu(g) * u, w3_fd.astype(dt))  # [T,D]
 
 
 def flat_expert_ffn(x_td, idx_tk, weight_tk, w):
   """Not a dispatch: every one of the T*K pairs through expert 0's weights.
 
-  The same FLOPs and matmul shapes ([S, D] x [D, H]) as any exact MoE layer,
+  The same FLOPs and matmul shapes ([S, D] x [D, F]) as any exact MoE layer,
   with no routing work: the limit any dispatch can reach with XLA's matmuls.
   """
   del idx_tk
   (t, d), k = x_td.shape, weight_tk.shape[1]
   dt = x_td.dtype
   x_sd = jnp.broadcast_to(x_td[:, None], (t, k, d)).reshape(t * k, d)  # [S,D]
-  g = jnp.einsum("sd,dh->sh", x_sd, w.w_gate_edh[0].astype(dt))  # [S,H]
-  u = jnp.einsum("sd,dh->sh", x_sd, w.w_up_edh[0].astype(dt))  # [S,H]
-  y_sd = jnp.einsum("sh,hd->sd", jax.nn.silu(g) * u, w.w_down_ehd[0].astype(dt))  # [S,D]
+  g = jnp.einsum("sd,df->sf", x_sd, w.w_gate_edf[0].astype(dt))  # [S,F]
+  u = jnp.einsum("sd,df->sf", x_sd, w.w_up_edf[0].astype(dt))  # [S,F]
+  y_sd = jnp.einsum("sf,fd->sd", jax.nn.silu(g) * u, w.w_down_efd[0].astype(dt))  # [S,D]
   return jnp.einsum("tkd,tk->td", y_sd.reshape(t, k, d), weight_tk.astype(dt))  # [T,D]
 
 
 def naive_onehot_einsum(x_td, idx_tk, weight_tk, w, factor):
   """GShard: positions by cumsum of one-hots, [T,E,C] dispatch/combine tensors."""
   (t, d), k = x_td.shape, idx_tk.shape[1]
-  e = w.w_gate_edh.shape[0]
+  e = w.w_gate_edf.shape[0]
   cap = max(1, int(np.ceil(factor * t * k / e)))
   dt = x_td.dtype
   onehot_ske = jax.nn.one_hot(idx_tk.T.reshape(-1), e, dtype=jnp.int32)  # [K*T,E] slot-major
@@ -115,24 +90,24 @@ def naive_onehot_einsum(x_td, idx_tk, weight_tk, w, factor):
                     * jnp.einsum("te,tc->tec", oh_te, oh_tc))  # [T,E,C]
   dispatch_tec = (combine_tec > 0).astype(dt)
   x_ecd = jnp.einsum("tec,td->ecd", dispatch_tec, x_td)  # [E,C,D]
-  g = jnp.einsum("ecd,edh->ech", x_ecd, w.w_gate_edh.astype(dt))  # [E,C,H]
-  u = jnp.einsum("ecd,edh->ech", x_ecd, w.w_up_edh.astype(dt))  # [E,C,H]
-  y_ecd = jnp.einsum("ech,ehd->ecd", jax.nn.silu(g) * u, w.w_down_ehd.astype(dt))
+  g = jnp.einsum("ecd,edf->ecf", x_ecd, w.w_gate_edf.astype(dt))  # [E,C,F]
+  u = jnp.einsum("ecd,edf->ecf", x_ecd, w.w_up_edf.astype(dt))  # [E,C,F]
+  y_ecd = jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, w.w_down_efd.astype(dt))
   return jnp.einsum("tec,ecd->td", combine_tec, y_ecd)  # [T,D]
 
 
 def naive_ragged_dot(x_td, idx_tk, weight_tk, w):
   """Sort by expert, take, lax.ragged_dot, segment_sum; XLA's own autodiff."""
   (t, _), k = x_td.shape, idx_tk.shape[1]
-  e, dt = w.w_gate_edh.shape[0], x_td.dtype
+  e, dt = w.w_gate_edf.shape[0], x_td.dtype
   flat_s = idx_tk.reshape(-1)
   order_s = jnp.argsort(flat_s, stable=True)
   token_s = order_s // k
   sizes_e = jnp.bincount(flat_s, length=e).astype(jnp.int32)
   x_sd = jnp.take(x_td, token_s, axis=0)  # [S,D]
-  g = jax.lax.ragged_dot(x_sd, w.w_gate_edh.astype(dt), sizes_e)  # [S,H]
-  u = jax.lax.ragged_dot(x_sd, w.w_up_edh.astype(dt), sizes_e)  # [S,H]
-  y_sd = jax.lax.ragged_dot(jax.nn.silu(g) * u, w.w_down_ehd.astype(dt), sizes_e)
+  g = jax.lax.ragged_dot(x_sd, w.w_gate_edf.astype(dt), sizes_e)  # [S,F]
+  u = jax.lax.ragged_dot(x_sd, w.w_up_edf.astype(dt), sizes_e)  # [S,F]
+  y_sd = jax.lax.ragged_dot(jax.nn.silu(g) * u, w.w_down_efd.astype(dt), sizes_e)
   y_sd = y_sd * jnp.take(weight_tk.reshape(-1), order_s)[:, None].astype(dt)
   return jax.ops.segment_sum(y_sd, token_s, num_segments=t)  # [T,D]
 
@@ -213,32 +188,31 @@ def measure_all(runs: dict, reps: dict, reference: str = "dense_ffn") -> dict:
 def cases(args):
   """name -> (layer(x, idx, weight, params), which params, reps)."""
   fast, slow = args.reps, args.slow_reps
-
-  def impl(moe):
-    fn = dispatch.get(moe.impl)
-    return lambda x, i, wt, p: fn(x, i, wt, p, moe=moe, train=True).y_td
-
   bs, cf = args.block_size, args.capacity_factor
+
+  def cap(policy="position", strategy="auto"):
+    return lambda x, i, wt, p: capacity.dispatch(x, i, wt, p, factor=cf, policy=policy,
+                                                 strategy=strategy).y_td
+
+  def drop(backend="blocked", strategy="auto"):
+    return lambda x, i, wt, p: dropless.dispatch(x, i, wt, p, backend=backend,
+                                                 strategy=strategy, block_size=bs).y_td
+
   table = {
       "dense_ffn": (lambda x, i, wt, p: dense_ffn(x, *p), "dense", fast),
       "flat_expert_ffn": (flat_expert_ffn, "moe", fast),
-      "capacity": (impl(moe_namespace("capacity", capacity_factor=cf)), "moe", fast),
-      "capacity_score": (impl(moe_namespace("capacity", capacity_factor=cf,
-                                            drop_policy="score")), "moe", fast),
-      "dropless_blocked": (impl(moe_namespace("dropless", block_size=bs)), "moe", fast),
-      "dropless_ragged_dot": (impl(moe_namespace("dropless", backend="ragged_dot")), "moe", slow),
+      "capacity": (cap(), "moe", fast),
+      "capacity_score": (cap(policy="score"), "moe", fast),
+      "dropless_blocked": (drop(), "moe", fast),
+      "dropless_ragged_dot": (drop(backend="ragged_dot"), "moe", slow),
       "naive_onehot_einsum": (lambda x, i, wt, p: naive_onehot_einsum(x, i, wt, p, cf),
                               "moe", slow + 2),  # ~20x dense: a few reps are affordable
       "naive_ragged_dot": (naive_ragged_dot, "moe", slow),
   }
   if args.other_strategy:  # the blocked strategy this platform does not use
-    other = "batched" if dispatch.dropless.blocked_strategy() == "loop" else "loop"
-    table[f"dropless_blocked_{other}"] = (
-        lambda x, i, wt, p: dispatch.dropless.dispatch_with(
-            x, i, wt, p, backend="blocked", block_size=bs, strategy=other).y_td, "moe", fast)
-    table[f"capacity_{other}"] = (
-        lambda x, i, wt, p: dispatch.capacity.dispatch_with(
-            x, i, wt, p, factor=cf, policy="position", strategy=other).y_td, "moe", fast)
+    other = "batched" if dropless.resolve_strategy("auto") == "loop" else "loop"
+    table[f"dropless_blocked_{other}"] = (drop(strategy=other), "moe", fast)
+    table[f"capacity_{other}"] = (cap(strategy=other), "moe", fast)
   return table
 
 
@@ -253,7 +227,8 @@ def parse_args(argv=None):
   p.add_argument("--reps", type=int, default=5, help="timed reps of the fast paths")
   p.add_argument("--slow-reps", type=int, default=1,
                  help="timed reps of the ragged_dot baselines (the one-hot one: +2)")
-  p.add_argument("--block-size", type=int, default=128)
+  p.add_argument("--block-size", type=int, default=0,
+                 help="rows per block of the blocked backend (0: chosen from the shape)")
   p.add_argument("--capacity-factor", type=float, default=1.25)
   p.add_argument("--other-strategy", action="store_true",
                  help="also time the blocked strategy this platform does not use by "

@@ -7,7 +7,6 @@ another and prints a table of validation loss against parameters and FLOPs.
 Each variant trains in <workdir>/<variant> (and resumes there if re-run).
 """
 
-import importlib.util
 import json
 import pathlib
 
@@ -20,14 +19,6 @@ flags.DEFINE_integer("steps", 0, "Override train.steps (0: the config's).")
 flags.DEFINE_integer("seed", 0, "train.seed.")
 flags.DEFINE_string("json", "", "Write the table as JSON here.")
 FLAGS = flags.FLAGS
-CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "ablation.py"
-
-
-def load(variant: str):
-  spec = importlib.util.spec_from_file_location("ablation", CONFIG)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
 
 
 def main(argv):
@@ -37,7 +28,7 @@ def main(argv):
   from dsmoe.train import train_and_evaluate
   rows = []
   for variant in filter(None, FLAGS.variants.split(",")):
-    config = load(variant)
+    config = dsmoe.load("ablation", variant)
     config.train.seed = FLAGS.seed
     if FLAGS.steps:
       config.train.steps = FLAGS.steps

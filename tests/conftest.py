@@ -1,20 +1,46 @@
-"""Shared test helpers: load config files, small model configs."""
+"""Shared test helpers: the shipped configs and one small-config builder."""
 
-import importlib.util
 import pathlib
 
 import pytest
 
+import dsmoe
+from dsmoe import config as config_lib
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# configs/tiny.py's structure (dense layer 0, 2 shared + 30 routed experts,
+# top-6) at dimensions that train in seconds.
+SMALL = {"model.d_model": 32, "model.num_layers": 2, "model.num_heads": 2,
+         "model.dense_hidden": 64, "model.moe.fine_grained.ffn_hidden": 64,
+         "data.seq_len": 32, "train.batch_size": 4, "train.warmup_steps": 5,
+         "train.log_every": 1, "train.eval_batches": 1, "train.peak_flops": 1e9}
 
 
 def load_config(name: str, arg=None):
-  """configs/<name>.py -> get_config(arg)."""
-  path = ROOT / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  """A shipped config: configs/<name>.py -> get_config(arg)."""
+  return dsmoe.load(name, arg)
+
+
+def small_config(base: str = "tiny", **overrides):
+  """`base` (configs/tiny.py) shrunk by SMALL, then `overrides`.
+
+  Keys are dotted paths: ``small_config(**{"train.steps": 30})``. Setting any
+  explicit MoE size (``model.moe.num_routed_experts`` ...) turns the paper's
+  fine-grained form off, so all four sizes must then be given.
+  """
+  config = dsmoe.load(base)
+  values = {**SMALL, **overrides}
+  if any(k.startswith("model.moe.") and k.split(".")[-1] in config_lib.EXPLICIT_SIZES
+         for k in overrides):
+    values["model.moe.fine_grained.N"] = 0
+  for key, value in values.items():
+    node = config
+    *parents, last = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  return config
 
 
 @pytest.fixture

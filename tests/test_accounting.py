@@ -1,4 +1,4 @@
-"""Parameter counts of the paper configs (PAPER.md section 3) and FLOPs."""
+"""Parameter counts of the paper configs (docs/MODEL.md) and FLOPs."""
 
 import pytest
 

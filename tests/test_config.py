@@ -28,8 +28,13 @@ CASES = [
      "config.model.moe.score_fn='relu'"),
     ("d_model not divisible by heads", lambda c: setattr(c.model, "num_heads", 3),
      "config.model.d_model=128"),
-    ("mesh does not divide experts", lambda c: setattr(c.mesh, "expert", 7), "config.mesh.expert=7"),
+    ("expert parallelism before M6", lambda c: setattr(c.mesh, "expert", 2), "config.mesh.expert=2"),
     ("mesh does not divide batch", lambda c: c.mesh.update(dict(data=3)), "config.train.batch_size=16"),
+    ("mesh.data neither -1 nor positive", lambda c: setattr(c.mesh, "data", 0), "config.mesh.data=0"),
+    ("unknown blocked strategy", lambda c: setattr(c.model.moe, "gmm_strategy", "fast"),
+     "config.model.moe.gmm_strategy='fast'"),
+    ("negative block size", lambda c: setattr(c.model.moe, "block_size", -8),
+     "config.model.moe.block_size=-8"),
     ("negative a1", lambda c: setattr(c.model.moe, "aux_loss_alpha", -0.1),
      "config.model.moe.aux_loss_alpha=-0.1"),
     ("negative a2", lambda c: setattr(c.model.moe, "device_balance_alpha", -1.0),
@@ -73,6 +78,29 @@ def test_lock_config_refuses_unknown_keys():
   c.lock()
   with pytest.raises(AttributeError):
     c.model.moe.num_routed_expertz = 3
+
+
+def test_load_finds_shipped_configs_by_name_path_and_argument(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # shipped names do not depend on the current folder
+  assert dsmoe.load("tiny").model.d_model == 128
+  gshard = dsmoe.load("ablation:gshard").model.moe.fine_grained
+  assert (gshard.N, gshard.K, gshard.K_s) == (16, 2, 0)
+  assert dsmoe.load("ablation", "shared").model.moe.fine_grained.K_s == 1
+  path = ROOT / "configs" / "paper_2b.py"
+  assert dsmoe.load(f"{path}:runlocal").model.d_model == 128
+  with pytest.raises(FileNotFoundError, match="no config named 'tinny'.*tiny"):
+    dsmoe.load("tinny")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    dsmoe.load(str(tmp_path / "missing.py"))
+
+
+def test_resolved_spec_is_frozen_and_hashable():
+  spec = dsmoe.resolve(load_config("tiny"))
+  assert hash(spec) == hash(dsmoe.resolve(load_config("tiny")))
+  assert spec.model.head_dim == 32  # 0 in the config: d_model // num_heads
+  with pytest.raises(Exception):
+    spec.model.moe.top_k = 3
+  assert dsmoe.resolve(spec) is spec
 
 
 def test_fine_grained_form_is_derived():

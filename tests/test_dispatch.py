@@ -16,23 +16,22 @@ from flax import nnx
 
 import dsmoe
 from dsmoe import dispatch
-from dsmoe.dispatch import ExpertWeights, dropless
+from dsmoe.dispatch import ExpertWeights, capacity, dense, dropless
 from dsmoe.model import Transformer
-from tests.conftest import load_config
+from tests.conftest import load_config, small_config
 
 D, H = 16, 8
 
-# (impl, gmm_backend, block_size, blocked strategy); capacity is run with a
-# factor that fits all. "loop" is the CPU strategy, "batched" the GPU one.
+# (impl, keyword settings); capacity is run with a factor that fits all.
 PATHS = [
-    ("dropless", "blocked", 4, "loop"),
-    ("dropless", "blocked", 1, "loop"),
-    ("dropless", "blocked", 64, "loop"),
-    ("dropless", "blocked", 4, "batched"),
-    ("dropless", "ragged_dot", 64, "loop"),
-    ("capacity", "blocked", 64, "loop"),
-    ("capacity", "blocked", 64, "batched"),
-    ("auto", "ragged_dot", 8, "loop"),
+    ("dropless", dict(backend="blocked", strategy="loop", block_size=4)),
+    ("dropless", dict(backend="blocked", strategy="loop", block_size=1)),
+    ("dropless", dict(backend="blocked", strategy="loop", block_size=64)),
+    ("dropless", dict(backend="blocked", strategy="loop", block_size=0)),  # from the shape
+    ("dropless", dict(backend="blocked", strategy="batched", block_size=4)),
+    ("dropless", dict(backend="ragged_dot")),
+    ("capacity", dict(strategy="loop")),
+    ("capacity", dict(strategy="batched")),
 ]
 
 
@@ -43,20 +42,13 @@ def full_precision_matmuls():
     yield
 
 
-@pytest.fixture
-def strategy(request, monkeypatch):
-  """Forces the blocked strategy ("loop" / "batched") whatever the platform."""
-  monkeypatch.setattr(dropless, "blocked_strategy", lambda platform=None: request.param)
-  return request.param
-
-
-def moe_cfg(impl="dense", backend="ragged_dot", block_size=64, factor=1.25,
-            eval_factor=0.0, policy="position"):
-  moe = dsmoe.base_config().model.moe
-  moe.impl, moe.gmm_backend, moe.block_size = impl, backend, block_size
-  moe.capacity_factor, moe.eval_capacity_factor = factor, eval_factor
-  moe.drop_policy = policy
-  return moe
+def path_fn(impl, **settings):
+  """fn(x, idx, weight, experts) -> DispatchResult with explicit settings."""
+  if impl == "dense":
+    return dense.dispatch
+  if impl == "capacity":
+    return lambda x, i, w, e: capacity.dispatch(x, i, w, e, **settings)
+  return lambda x, i, w, e: dropless.dispatch(x, i, w, e, **settings)
 
 
 def make_case(seed, t, e, k, *, mode="random"):
@@ -76,13 +68,12 @@ def make_case(seed, t, e, k, *, mode="random"):
   return jnp.asarray(x), jnp.asarray(idx, jnp.int32), jnp.asarray(weight), experts
 
 
-def value_and_grads(moe, x, idx, weight, experts, *, train=True):
+def value_and_grads(fn, x, idx, weight, experts):
   """Output, dropped fraction and grads of <y, probe> w.r.t. x, weight, experts."""
-  fn = dispatch.get(moe.impl)
   probe = jnp.asarray(np.random.default_rng(7).normal(size=x.shape), jnp.float32)
 
   def loss(x, weight, experts):
-    res = fn(x, idx, weight, experts, moe=moe, train=train)
+    res = fn(x, idx, weight, experts)
     return jnp.sum(res.y_td * probe), res
 
   vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
@@ -95,14 +86,15 @@ def assert_same(a, b, rtol=2e-4, atol=2e-5):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("impl,backend,block_size,strategy", PATHS, indirect=["strategy"])
+@pytest.mark.parametrize("impl,settings", PATHS, ids=[f"{i}-{s}" for i, s in PATHS])
 @pytest.mark.parametrize("t,e,k,mode", [(13, 6, 2, "random"), (24, 12, 3, "few_experts"),
                                         (17, 8, 3, "one_expert"), (5, 4, 1, "random")])
-def test_matches_dense_when_nothing_dropped(impl, backend, block_size, strategy, t, e, k, mode):
+def test_matches_dense_when_nothing_dropped(impl, settings, t, e, k, mode):
   x, idx, weight, experts = make_case(t + e, t, e, k, mode=mode)
-  ref, ref_grads = value_and_grads(moe_cfg("dense"), x, idx, weight, experts)
-  moe = moe_cfg(impl, backend, block_size, factor=float(e))  # capacity: C >= T
-  res, grads = value_and_grads(moe, x, idx, weight, experts)
+  ref, ref_grads = value_and_grads(dense.dispatch, x, idx, weight, experts)
+  if impl == "capacity":
+    settings = dict(settings, factor=float(e))  # C >= T: nothing dropped
+  res, grads = value_and_grads(path_fn(impl, **settings), x, idx, weight, experts)
   assert float(res.dropped_fraction) == 0.0
   assert_same(res.y_td, ref.y_td)
   assert_same(grads, ref_grads)
@@ -121,7 +113,7 @@ def np_kept(idx, weight, e, cap, policy):
   return kept
 
 
-@pytest.mark.parametrize("strategy", ["loop", "batched"], indirect=True)
+@pytest.mark.parametrize("strategy", ["loop", "batched"])
 @pytest.mark.parametrize("policy", ["position", "score"])
 @pytest.mark.parametrize("factor", [0.5, 1.0])
 def test_capacity_drops_the_expected_pairs(policy, factor, strategy):
@@ -134,12 +126,12 @@ def test_capacity_drops_the_expected_pairs(policy, factor, strategy):
   cap = math.ceil(factor * t * k / e)
   kept = np_kept(idx, weight, e, cap, policy)
   assert 0 < kept.sum() < t * k  # the case really drops something
-  moe = moe_cfg("capacity", factor=factor, policy=policy)
-  res, grads = value_and_grads(moe, x, jnp.asarray(idx), jnp.asarray(weight), experts)
+  fn = path_fn("capacity", factor=factor, policy=policy, strategy=strategy)
+  res, grads = value_and_grads(fn, x, jnp.asarray(idx), jnp.asarray(weight), experts)
   np.testing.assert_allclose(float(res.dropped_fraction), 1 - kept.mean(), rtol=1e-6)
   # Oracle: the dense reference with the dropped pairs' gates set to zero.
   masked = jnp.asarray(np.where(kept, weight, 0.0), jnp.float32)
-  ref, ref_grads = value_and_grads(moe_cfg("dense"), x, jnp.asarray(idx), masked, experts)
+  ref, ref_grads = value_and_grads(dense.dispatch, x, jnp.asarray(idx), masked, experts)
   assert_same(res.y_td, ref.y_td)
   assert_same((grads[0], grads[2]), (ref_grads[0], ref_grads[2]))
   # d/d(weight) of a dropped pair is 0; of a kept pair it is the reference's.
@@ -148,38 +140,47 @@ def test_capacity_drops_the_expected_pairs(policy, factor, strategy):
                              rtol=2e-4, atol=2e-5)
 
 
-def test_capacity_eval_factor():
+def routed_fn(impl, factor, backend="auto"):
+  return lambda x, i, w, e: dispatch.routed_experts(
+      x, i, w, e, impl=impl, capacity_factor=factor, backend=backend)
+
+
+def test_capacity_factor_zero_drops_nothing():
+  """The MoE block passes eval_capacity_factor (default 0) at evaluation."""
   x, idx, weight, experts = make_case(1, 32, 4, 2, mode="one_expert")
-  ref, _ = value_and_grads(moe_cfg("dense"), x, idx, weight, experts, train=False)
-  never = moe_cfg("capacity", factor=0.25, eval_factor=0.0)
-  train_res, _ = value_and_grads(never, x, idx, weight, experts, train=True)
+  ref, _ = value_and_grads(dense.dispatch, x, idx, weight, experts)
+  train_res, _ = value_and_grads(routed_fn("capacity", 0.25), x, idx, weight, experts)
   assert float(train_res.dropped_fraction) > 0
-  eval_res, _ = value_and_grads(never, x, idx, weight, experts, train=False)
+  eval_res, _ = value_and_grads(routed_fn("capacity", 0.0), x, idx, weight, experts)
   assert float(eval_res.dropped_fraction) == 0.0
   assert_same(eval_res.y_td, ref.y_td)
-  tight = moe_cfg("capacity", factor=4.0, eval_factor=0.25)
-  assert float(value_and_grads(tight, x, idx, weight, experts, train=False)[0]
-               .dropped_fraction) > 0
 
 
-@pytest.mark.parametrize("strategy", ["loop", "batched"], indirect=True)
-def test_capacity_buffer_has_no_one_hot(strategy):
-  """The compiled capacity dispatch holds no T x E x C array (index-based)."""
-  t, e, k = 256, 16, 2
-  x, idx, weight, experts = make_case(2, t, e, k)
-  moe = moe_cfg("capacity", factor=1.0)
-  fn = lambda x: dispatch.get("capacity")(x, idx, weight, experts, moe=moe, train=True).y_td
-  cap = math.ceil(t * k / e)
-  text = jax.jit(jax.grad(lambda x: fn(x).sum())).lower(x).as_text()
-  assert f"{t},{e},{cap}" not in text and f"{t * e * cap}" not in text
+@pytest.mark.parametrize("backend,uses_ragged_dot", [("ragged_dot", True), ("blocked", False)])
+def test_capacity_factor_zero_honours_gmm_backend(backend, uses_ragged_dot):
+  x, idx, weight, experts = make_case(1, 16, 4, 2)
+  jaxpr = str(jax.make_jaxpr(routed_fn("capacity", 0.0, backend))(x, idx, weight, experts))
+  assert ("ragged_dot" in jaxpr) == uses_ragged_dot
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_block_size_reaches_the_layout(block_size):
+  """An explicit block size R gives the [G, R, D] blocks of the batched strategy,
+  G = ceil((T*K + E*(R-1)) / R) (the static bound)."""
+  x, idx, weight, experts = make_case(1, 40, 4, 2)
+  fn = path_fn("dropless", backend="blocked", strategy="batched", block_size=block_size)
+  jaxpr = str(jax.make_jaxpr(fn)(x, idx, weight, experts))
+  g = math.ceil((40 * 2 + 4 * (block_size - 1)) / block_size)
+  assert f"f32[{g},{block_size},{D}]" in jaxpr
 
 
 @pytest.mark.parametrize("impl", ["dropless", "capacity"])
 def test_bfloat16_close_to_float32_reference(impl):
   x, idx, weight, experts = make_case(5, 40, 8, 2)
-  ref, ref_grads = value_and_grads(moe_cfg("dense"), x, idx, weight, experts)
-  moe = moe_cfg(impl, "blocked", 16, factor=8.0)
-  res, grads = value_and_grads(moe, x.astype(jnp.bfloat16), idx, weight, experts)
+  ref, ref_grads = value_and_grads(dense.dispatch, x, idx, weight, experts)
+  settings = dict(factor=8.0) if impl == "capacity" else dict(backend="blocked", block_size=16)
+  res, grads = value_and_grads(path_fn(impl, **settings), x.astype(jnp.bfloat16), idx,
+                               weight, experts)
   assert res.y_td.dtype == jnp.bfloat16
   scale = float(jnp.abs(ref.y_td).max())
   np.testing.assert_allclose(np.asarray(res.y_td, np.float32), ref.y_td, atol=0.03 * scale)
@@ -210,20 +211,23 @@ def test_blocked_layout_blocks_hold_one_expert():
 
 
 def test_auto_block_size():
-  from dsmoe.dispatch.dropless import auto_block_size  # pylint: disable=g-import-not-at-top
-  assert auto_block_size(24576, 64) == 128
-  assert auto_block_size(40, 6) == 8
-  assert auto_block_size(1000, 8) == 64
+  assert dropless.auto_block_size(24576, 64, "loop") == 128
+  assert dropless.auto_block_size(24576, 64, "batched") == 256
+  assert dropless.auto_block_size(40, 6, "loop") == 8
+  assert dropless.auto_block_size(1000, 8, "loop") == 64
+  assert dropless.resolve_block_size(32, 24576, 64, "loop") == 32
 
 
-def test_auto_resolves_per_platform():
-  assert dispatch.resolve_impl("auto") == "dropless"
-  assert dispatch.auto_backend("tpu") == "ragged_dot"
-  assert dispatch.auto_backend("cpu") == dispatch.auto_backend("gpu") == "blocked"
-  assert dropless.blocked_strategy("cpu") == "loop"
-  assert dropless.blocked_strategy("gpu") == "batched"
+def test_auto_settings_resolve_per_platform():
+  assert dropless.resolve_backend("auto", "tpu") == "ragged_dot"
+  assert dropless.resolve_backend("auto", "cpu") == dropless.resolve_backend("auto", "gpu") == "blocked"
+  assert dropless.resolve_backend("ragged_dot", "cpu") == "ragged_dot"
+  assert dropless.resolve_strategy("auto", "cpu") == "loop"
+  assert dropless.resolve_strategy("auto", "gpu") == "batched"
+  assert dropless.resolve_strategy("batched", "cpu") == "batched"
+  x, idx, weight, experts = make_case(0, 4, 4, 1)
   with pytest.raises(ValueError, match="impl"):
-    dispatch.get("nope")
+    dispatch.routed_experts(x, idx, weight, experts, impl="nope")
 
 
 def test_pallas_backend_is_a_config_error():
@@ -233,13 +237,13 @@ def test_pallas_backend_is_a_config_error():
     dsmoe.validate(cfg)
 
 
-@pytest.mark.parametrize("impl,backend", [("dense", "ragged_dot"), ("capacity", "blocked"),
-                                          ("dropless", "blocked"), ("dropless", "ragged_dot"),
-                                          ("auto", "ragged_dot")])
-def test_tiny_model_forward_and_grad(impl, backend):
-  cfg = load_config("tiny")
-  cfg.model.moe.impl, cfg.model.moe.gmm_backend = impl, backend
-  cfg.model.num_layers = 2
+@pytest.mark.parametrize("impl,backend,strategy", [
+    ("dense", "auto", "auto"), ("capacity", "blocked", "loop"),
+    ("capacity", "blocked", "batched"), ("dropless", "blocked", "loop"),
+    ("dropless", "blocked", "batched"), ("dropless", "ragged_dot", "auto")])
+def test_tiny_model_forward_and_grad(impl, backend, strategy):
+  cfg = small_config(**{"model.moe.impl": impl, "model.moe.gmm_backend": backend,
+                        "model.moe.gmm_strategy": strategy})
   model = Transformer(dsmoe.resolve(cfg).model, rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, cfg.model.vocab_size)
 

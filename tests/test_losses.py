@@ -46,14 +46,38 @@ def test_device_balance_hand_computed():
   assert float(losses.device_balance_loss(scores, idx, num_groups=2)) == pytest.approx(1.15)
 
 
-def test_balance_gradient_flows_through_scores_only():
-  logits = jax.random.normal(jax.random.key(0), (2, 6, 5))
-  idx = jax.lax.top_k(logits, 2)[1]
+def _np_counts(idx, e):
+  counts = np.zeros(idx.shape[:1] + (e,))
+  for b in range(idx.shape[0]):
+    for j in np.asarray(idx[b]).ravel():
+      counts[b, j] += 1
+  return counts
 
-  def f(lg):
-    s = jax.nn.softmax(lg, axis=-1)
-    return (losses.expert_balance_loss(s, idx, seq_aux=True)
-            + losses.device_balance_loss(s, idx, num_groups=5))
 
-  g = jax.grad(f)(logits)
-  assert np.all(np.isfinite(g)) and float(jnp.abs(g).sum()) > 0
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_expert_balance_gradient_is_f_over_tokens(seq_aux):
+  """f carries no gradient, so dL/ds_{b,t,i} = f_i / (B*T) (f per sequence
+  with seq_aux, over the batch otherwise): derived by hand from the formula."""
+  b, t, e, k = 2, 6, 5, 2
+  scores = jax.nn.softmax(jax.random.normal(jax.random.key(0), (b, t, e)), axis=-1)
+  idx = jax.lax.top_k(scores, k)[1]
+  g = jax.grad(lambda s: losses.expert_balance_loss(s, idx, seq_aux=seq_aux))(scores)
+  counts = _np_counts(idx, e)  # [B,E]
+  if seq_aux:
+    f = counts * e / (k * t)  # [B,E]
+  else:
+    f = np.broadcast_to(counts.sum(0) * e / (k * b * t), (b, e))
+  want = np.broadcast_to(f[:, None, :] / (b * t), (b, t, e))
+  np.testing.assert_allclose(np.asarray(g), want, rtol=1e-6)
+
+
+def test_device_balance_gradient_is_group_f_over_tokens():
+  """dL/ds_{b,t,j} = f'_{group of j} / (B*T), f'_d = mean_{j in E_d} f_j."""
+  b, t, e, k, groups = 2, 4, 6, 2, 3
+  scores = jax.nn.softmax(jax.random.normal(jax.random.key(1), (b, t, e)), axis=-1)
+  idx = jax.lax.top_k(scores, k)[1]
+  g = jax.grad(lambda s: losses.device_balance_loss(s, idx, num_groups=groups))(scores)
+  f = _np_counts(idx, e).sum(0) * e / (k * b * t)  # [E]
+  f_dev = f.reshape(groups, -1).mean(-1)  # [D]
+  want = np.broadcast_to(np.repeat(f_dev, e // groups) / (b * t), (b, t, e))
+  np.testing.assert_allclose(np.asarray(g), want, rtol=1e-6)

@@ -6,17 +6,16 @@ import numpy as np
 from flax import nnx
 
 import dsmoe
-from dsmoe.model import Transformer, is_moe_layer
-from tests.conftest import load_config
+from dsmoe.model import Transformer
+from dsmoe.model.attention import Attention
+from tests.conftest import small_config
 
 
 def small(impl="dropless", **model):
-  c = load_config("tiny")
-  c.model.d_model, c.model.num_layers, c.model.dense_hidden = 32, 3, 64
-  c.model.moe.fine_grained.ffn_hidden = 64
-  c.model.moe.impl = impl
-  c.model.update(model)
-  return dsmoe.resolve(c).model
+  """ModelSpec of a 3-layer small config; `model` overrides config.model keys."""
+  overrides = {"model.num_layers": 3, "model.moe.impl": impl}
+  overrides.update({f"model.{k}": v for k, v in model.items()})
+  return dsmoe.resolve(small_config(**overrides)).model
 
 
 def test_causality_future_tokens_do_not_change_earlier_logits():
@@ -41,7 +40,7 @@ def test_segment_ids_keep_attention_within_documents():
 
 def test_layer_plan_follows_first_k_dense_and_freq():
   cfg = small(num_layers=6, first_k_dense_replace=2, moe_layer_freq=2)
-  plan = [is_moe_layer(cfg, i) for i in range(6)]
+  plan = [cfg.is_moe_layer(i) for i in range(6)]
   assert plan == [False, False, True, False, True, False]
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   assert [b.is_moe for b in model.blocks] == plan
@@ -61,3 +60,43 @@ def test_init_std_is_configurable():
   model = Transformer(small(init_std=0.006, num_layers=1, vocab_size=4096), rngs=nnx.Rngs(0))
   std = float(jnp.std(model.embed.table_vd[...]))
   assert abs(std - 0.006) < 0.0005
+
+
+def np_rope(x, pos, theta):
+  """Rotate-half RoPE in numpy: pairs (i, i + H/2) by pos * theta^(-2i/H)."""
+  h = x.shape[-1]
+  ang = pos[:, None] * theta ** (-np.arange(0, h, 2) / h)  # [T,H/2]
+  c, s = np.cos(ang)[:, None], np.sin(ang)[:, None]
+  x1, x2 = x[..., :h // 2], x[..., h // 2:]
+  return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+
+def np_attention(attn, x, pos):
+  """Causal MHA with RoPE at positions `pos`, in numpy (one sequence)."""
+  w = {k: np.asarray(getattr(attn, k)[...], np.float64)
+       for k in ("w_q_dnh", "w_k_dnh", "w_v_dnh", "w_o_nhd")}
+  q = np_rope(np.einsum("td,dnh->tnh", x, w["w_q_dnh"]), pos, attn.rope_theta)
+  k = np_rope(np.einsum("td,dnh->tnh", x, w["w_k_dnh"]), pos, attn.rope_theta)
+  v = np.einsum("td,dnh->tnh", x, w["w_v_dnh"])
+  logits = np.einsum("tnh,unh->ntu", q, k) / np.sqrt(attn.head_dim)
+  t = x.shape[0]
+  logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("ntu,unh,nhd->td", p, v, w["w_o_nhd"])
+
+
+def test_attention_uses_the_given_rope_positions():
+  """Positions that restart mid-row (packed documents) change relative
+  distances: the output must follow the positions given, not 0..T-1."""
+  attn = Attention(16, 2, 8, rope_theta=10000.0, init_std=0.5, param_dtype=jnp.float32,
+                   rngs=nnx.Rngs(0))
+  x = np.asarray(jax.random.normal(jax.random.key(3), (1, 6, 16)))
+  pos = np.array([0, 1, 2, 0, 1, 2])
+  y = attn(jnp.asarray(x), None, jnp.asarray(pos)[None])
+  np.testing.assert_allclose(y[0], np_attention(attn, x[0].astype(np.float64), pos),
+                             rtol=1e-4, atol=1e-5)
+  y_default = attn(jnp.asarray(x))
+  np.testing.assert_allclose(y_default[0], np_attention(attn, x[0].astype(np.float64),
+                                                        np.arange(6)), rtol=1e-4, atol=1e-5)
+  assert np.abs(np.asarray(y - y_default)).max() > 1e-3

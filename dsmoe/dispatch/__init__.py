@@ -1,68 +1,59 @@
-"""How routed tokens reach their experts. Every dispatch has one signature:
+"""How routed tokens reach their experts.
 
-    fn(x_td, idx_tk, weight_tk, experts, *, moe, train) -> DispatchResult
+Every dispatch computes, for T tokens with K chosen routed experts each,
 
-  x_td       [T, D]  token activations (compute dtype), T = batch * seq
+    y_td = sum_k weight_tk[t, k] * FFN_{idx_tk[t, k]}(x_td[t])      (SwiGLU experts)
+
+from explicit arguments (never a config object):
+
+  x_td       [T, D]  token activations (compute dtype); T = batch * sequence
   idx_tk     [T, K]  int32 chosen routed experts
   weight_tk  [T, K]  float32 gate weights
-  experts    ExpertWeights(w_gate_edh [E,D,H], w_up_edh [E,D,H], w_down_ehd [E,H,D])
-  moe        the resolved `config.model.moe` ConfigDict (or any object with
-             the same attributes: gmm_backend, block_size, capacity_factor,
-             eval_capacity_factor, drop_policy)
-  train      True in training (capacity dispatch may use a different factor at eval)
+  experts    ExpertWeights(w_gate_edf [E,D,F], w_up_edf [E,D,F], w_down_efd [E,F,D])
 
-and returns y_td = sum_k weight_tk * FFN_{idx_tk}(x_td) (compute dtype) plus
-the fraction of (token, slot) pairs that were dropped (0 for dropless paths).
+and returns a DispatchResult (y_td in the compute dtype, and the fraction of
+(token, slot) pairs that were dropped: 0 for the dropless paths).
 
-Implementations (`moe.impl`):
-  dense     reference: every expert on every token (tests, tiny models);
-  capacity  Switch/GShard expert buffers of fixed capacity (drops overflow);
-  dropless  sort by expert + grouped matmul (`moe.gmm_backend`: "blocked"
-            or "ragged_dot"; "pallas" is milestone M3). "blocked" runs as one
-            fused loop over single-expert blocks on CPU (gmm_blocked.py) and
-            as batched matmuls elsewhere (gmm_batched.py);
-  auto      dropless with the best backend for the platform: "ragged_dot" on
-            TPU (native grouped matmul), "blocked" elsewhere (XLA's ragged_dot
-            densifies on CPU), with a block size chosen from the shape
-            (`dropless.auto_block_size`; `moe.block_size` is not used).
+  dense.dispatch(...)                                  reference: every expert
+                                                       on every token (tests);
+  dropless.dispatch(..., backend, strategy, block_size)  sort by expert, grouped
+                                                       SwiGLU, unsort;
+  capacity.dispatch(..., factor, policy, strategy)     Switch/GShard buffers of
+                                                       fixed capacity (drops).
+
+:func:`routed_experts` picks one from the settings of `config.model.moe`
+(the MoE block passes them as keywords).
 """
 
 from __future__ import annotations
 
 from dsmoe.dispatch import capacity, dense, dropless
 from dsmoe.dispatch.common import DispatchResult, ExpertWeights
-from dsmoe.dispatch.dropless import auto_backend
 
-_REGISTRY = {
-    "dense": dense.dispatch,
-    "capacity": capacity.dispatch,
-    "dropless": dropless.dispatch,
-}
+IMPLS = ("dense", "dropless", "capacity")
 
 
-def resolve_impl(impl: str) -> str:
-  """`auto` picks the best path for the current platform (always dropless)."""
-  return "dropless" if impl == "auto" else impl
+def routed_experts(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, impl: str,
+                   capacity_factor: float = 0.0, drop_policy: str = "position",
+                   backend: str = "auto", strategy: str = "auto",
+                   block_size: int = 0) -> DispatchResult:
+  """The routed-expert output with dispatch `impl` ("dense", "dropless", "capacity").
 
-
-def _auto(x_td, idx_tk, weight_tk, experts, *, moe, train) -> DispatchResult:
-  del moe, train
-  num_pairs, num_experts = idx_tk.size, experts.w_gate_edh.shape[0]
-  # The batched strategy gathers weights per block: larger blocks, fewer copies.
-  cap = 128 if dropless.blocked_strategy() == "loop" else 256
-  return dropless.dispatch_with(
-      x_td, idx_tk, weight_tk, experts, backend=dropless.auto_backend(),
-      block_size=dropless.auto_block_size(num_pairs, num_experts, cap))
-
-
-def get(impl: str):
-  """The dispatch function of `moe.impl` ("auto" also chooses the backend)."""
-  if impl == "auto":
-    return _auto
-  if impl not in _REGISTRY:
+  "capacity" with `capacity_factor` 0 (evaluation by default) drops nothing:
+  it runs the dropless path with the same `backend`, `strategy` and
+  `block_size`.
+  """
+  if impl == "dense":
+    return dense.dispatch(x_td, idx_tk, weight_tk, experts)
+  if impl == "capacity" and capacity_factor > 0:
+    return capacity.dispatch(x_td, idx_tk, weight_tk, experts, factor=capacity_factor,
+                             policy=drop_policy, strategy=strategy)
+  if impl not in IMPLS:
     raise ValueError(f"config.model.moe.impl={impl!r}: no such dispatch; "
-                     f"available: {sorted(_REGISTRY)} or 'auto'")
-  return _REGISTRY[impl]
+                     f"expected one of {list(IMPLS)}")
+  return dropless.dispatch(x_td, idx_tk, weight_tk, experts, backend=backend,
+                           strategy=strategy, block_size=block_size)
 
 
-__all__ = ["DispatchResult", "ExpertWeights", "auto_backend", "get", "resolve_impl"]
+__all__ = ["DispatchResult", "ExpertWeights", "IMPLS", "capacity", "dense", "dropless",
+           "routed_experts"]

@@ -9,15 +9,26 @@ import jax.numpy as jnp
 
 
 class ExpertWeights(NamedTuple):
-  w_gate_edh: jax.Array
-  w_up_edh: jax.Array
-  w_down_ehd: jax.Array
+  """The routed experts' SwiGLU weights, stacked over experts."""
+  w_gate_edf: jax.Array  # [E, D, F]
+  w_up_edf: jax.Array  # [E, D, F]
+  w_down_efd: jax.Array  # [E, F, D]
 
 
 class DispatchResult(NamedTuple):
-  y_td: jax.Array
-  dropped_fraction: jax.Array  # scalar float32
+  y_td: jax.Array  # [T, D] sum_k gate * FFN_{expert}(x), compute dtype
+  dropped_fraction: jax.Array  # scalar float32: dropped (token, slot) pairs / (T*K)
 
 
 def no_drops() -> jax.Array:
   return jnp.zeros((), jnp.float32)
+
+
+def cast(experts: ExpertWeights, dtype) -> ExpertWeights:
+  """The expert weights in the compute dtype."""
+  return ExpertWeights(*(w.astype(dtype) for w in experts))
+
+
+def gate_per_row(weight_tk: jax.Array, pair_p: jax.Array) -> jax.Array:
+  """weight_p [P]: the gate of each buffer row's pair; 0 for padding rows."""
+  return weight_tk.reshape(-1).at[pair_p].get(mode="fill", fill_value=0)

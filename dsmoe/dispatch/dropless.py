@@ -1,17 +1,26 @@
 """Dropless dispatch: sort (token, slot) pairs by expert, grouped SwiGLU, unsort.
 
+    dispatch(x_td, idx_tk, weight_tk, experts, *, backend, strategy, block_size)
+
 Steps:
   1. layout: the T*K pairs sorted by expert (stable); for the "blocked"
-     backend each expert's rows are padded to a multiple of `moe.block_size`;
-  2. "blocked", strategy "loop" (CPU; gmm_blocked.py): one loop over the
-     single-expert blocks that gathers each block's token rows, runs the
+     backend each expert's rows are padded to a multiple of the block size R;
+  2. backend "blocked", strategy "loop" (expert_loop.py): one fused loop over
+     the single-expert blocks that gathers each block's token rows, runs the
      expert's SwiGLU and scatter-adds gate * output into y_td, with a
-     hand-written backward loop;
+     hand-written backward loop; no permuted buffer exists;
   2'. otherwise: permute the token rows into a buffer x_pd [P, D]; grouped
-     SwiGLU ("blocked", strategy "batched" (GPU): batched matmuls with
-     per-block weights, gmm_batched.py; "ragged_dot": lax.ragged_dot on the
-     unpadded sorted rows); combine: gather each pair's row back and sum with
-     the gate weights (gather-only backwards, see permute.py).
+     SwiGLU (backend "blocked", strategy "batched": batched matmuls with
+     per-block gathered weights, block_batched.py; backend "ragged_dot":
+     lax.ragged_dot on the unpadded sorted rows); combine: gather each pair's
+     row back and sum with the gate weights (gather-only backwards,
+     permute.py).
+
+"auto" settings are resolved from the platform the computation is traced
+for (`jax.default_backend()`): backend "ragged_dot" on TPU (a native grouped
+matmul there), "blocked" elsewhere (XLA's ragged_dot densifies on CPU and
+GPU); strategy "loop" on CPU, "batched" elsewhere (kernel launches); block
+size from the shape (:func:`auto_block_size`).
 
 No token is ever dropped and every shape is static.
 """
@@ -21,101 +30,107 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsmoe.dispatch import gmm_batched
+from dsmoe.dispatch import block_batched
 from dsmoe.dispatch import layout as layout_lib
-from dsmoe.dispatch.common import DispatchResult, ExpertWeights, no_drops
-from dsmoe.dispatch.gmm_blocked import blocked_moe
+from dsmoe.dispatch.common import DispatchResult, ExpertWeights, cast, gate_per_row, no_drops
+from dsmoe.dispatch.expert_loop import expert_loop
 from dsmoe.dispatch.permute import combine, permute
 
-BACKENDS = ("ragged_dot", "blocked")
+BACKENDS = ("blocked", "ragged_dot")
+STRATEGIES = ("loop", "batched")
 
 
-def auto_backend(platform: str | None = None) -> str:
-  """The fastest grouped-matmul backend in XLA on `platform` (default: current).
-
-  TPU lowers lax.ragged_dot to a native grouped matmul; CPU (and GPU without
-  a tuned kernel) densify it, so elsewhere the blocked loop wins.
-  """
+def resolve_backend(backend: str, platform: str | None = None) -> str:
+  """"auto" -> the fastest grouped matmul in XLA on `platform` (default: current)."""
+  if backend != "auto":
+    return backend
   platform = platform or jax.default_backend()
   return "ragged_dot" if platform == "tpu" else "blocked"
 
 
-def blocked_strategy(platform: str | None = None) -> str:
-  """How "blocked" runs: one fused loop on CPU, batched matmuls elsewhere.
+def resolve_strategy(strategy: str, platform: str | None = None) -> str:
+  """"auto" -> "loop" on CPU, "batched" elsewhere.
 
-  "loop" (gmm_blocked.py) moves the least memory but runs small ops per
-  block: best on a CPU. "batched" (gmm_batched.py) runs a few large kernels
-  on a materialised [NB, B, D] buffer: meant for GPUs (kernel launches).
+  "loop" (expert_loop.py) moves the least memory but runs small ops per
+  block: best on a CPU. "batched" (block_batched.py) runs a few large kernels
+  on a materialised [G, R, D] buffer: meant for GPUs (kernel launches).
   """
+  if strategy != "auto":
+    return strategy
   platform = platform or jax.default_backend()
   return "loop" if platform == "cpu" else "batched"
 
 
-def auto_block_size(num_pairs: int, num_experts: int, cap: int = 128) -> int:
-  """Rows per block for "auto": `cap`, or less when experts get fewer rows.
+def auto_block_size(num_pairs: int, num_experts: int, strategy: str) -> int:
+  """Rows per block: a cap (128 for "loop", 256 for "batched"), or less when
+  experts get fewer rows (a power of two >= 8 near the mean rows per expert).
 
-  Measured on a 2-core CPU (T*K=24576 rows, 64 experts, D=512, H=256):
-  128 beats 64 (smaller matmuls) and 256 (more padding) by ~5-10%.
+  Measured on a 2-core CPU (T*K=24576 rows, 64 experts, D=512, F=256): 128
+  beats 64 (smaller matmuls) and 256 (more padding) by ~5-10% in the loop;
+  "batched" gathers one weight copy per block, so larger blocks pay off.
   """
+  cap = 128 if strategy == "loop" else 256
   per_expert = max(1, num_pairs // num_experts)
   return int(min(cap, max(8, 1 << (per_expert.bit_length() - 1))))
 
 
-def gate_per_row(weight_tk, pair_p):
-  """weight_p [P]: the gate of each buffer row's pair; 0 for padding rows."""
-  return weight_tk.reshape(-1).at[pair_p].get(mode="fill", fill_value=0)
+def resolve_block_size(block_size: int, num_pairs: int, num_experts: int,
+                       strategy: str) -> int:
+  """`block_size`, or (0) the one :func:`auto_block_size` picks."""
+  return block_size or auto_block_size(num_pairs, num_experts, strategy)
 
 
-def cast(experts: ExpertWeights, dtype) -> ExpertWeights:
-  return ExpertWeights(*(w.astype(dtype) for w in experts))
-
-
-def ragged_swiglu(x_sd, group_sizes_e, experts: ExpertWeights):
+def ragged_swiglu(x_pd, group_sizes_e, experts: ExpertWeights):
   """SwiGLU where consecutive row groups use consecutive experts (lax.ragged_dot)."""
-  g = jax.lax.ragged_dot(x_sd, experts.w_gate_edh, group_sizes_e)  # [S,H]
-  u = jax.lax.ragged_dot(x_sd, experts.w_up_edh, group_sizes_e)  # [S,H]
-  return jax.lax.ragged_dot(jax.nn.silu(g) * u, experts.w_down_ehd, group_sizes_e)  # [S,D]
+  g = jax.lax.ragged_dot(x_pd, experts.w_gate_edf, group_sizes_e)  # [P,F]
+  u = jax.lax.ragged_dot(x_pd, experts.w_up_edf, group_sizes_e)  # [P,F]
+  return jax.lax.ragged_dot(jax.nn.silu(g) * u, experts.w_down_efd, group_sizes_e)  # [P,D]
 
 
 def _loop(x_td, idx_tk, weight_tk, w: ExpertWeights, block: int):
-  """"blocked" / "loop": layout, then the fused loop (no permuted buffer)."""
-  lay = layout_lib.blocked_layout(idx_tk, w.w_gate_edh.shape[0], block)
-  weight_bs = gate_per_row(weight_tk, lay.pair_p).reshape(-1, block)  # [NB,B]
-  return blocked_moe(x_td, weight_bs, w, lay.token_p.reshape(-1, block),
+  """Backend "blocked", strategy "loop": layout, then the fused loop."""
+  lay = layout_lib.blocked_layout(idx_tk, w.w_gate_edf.shape[0], block)
+  weight_gr = gate_per_row(weight_tk, lay.pair_p).reshape(-1, block)  # [G,R]
+  return expert_loop(x_td, weight_gr, w, lay.token_p.reshape(-1, block),
                      lay.block_end_e)  # [T,D]
 
 
 def _permuted(x_td, idx_tk, weight_tk, w: ExpertWeights, block: int, backend: str):
-  """Permute into x_pd, grouped SwiGLU ("blocked"/"batched" or ragged_dot), combine."""
-  num_experts = w.w_gate_edh.shape[0]
+  """Permute into x_pd, grouped SwiGLU (blocked/batched or ragged_dot), combine."""
+  num_experts = w.w_gate_edf.shape[0]
   lay = layout_lib.blocked_layout(idx_tk, num_experts, block)
-  x_pd = permute(x_td, lay.token_p, lay.row_tk, False)  # [P,D]
+  x_pd = permute(x_td, lay.token_p, lay.row_tk, may_drop=False)  # [P,D]
   if backend == "blocked":
-    x_bsd = x_pd.reshape(-1, block, x_pd.shape[-1])  # [NB,B,D]
-    w_b = gmm_batched.per_block(w, gmm_batched.block_experts(lay.block_end_e, x_bsd.shape[0]))
-    y_pd = gmm_batched.batched_swiglu(x_bsd, w_b).reshape(x_pd.shape)  # [P,D]
+    x_grd = x_pd.reshape(-1, block, x_pd.shape[-1])  # [G,R,D]
+    w_g = block_batched.per_block(w, block_batched.block_experts(lay.block_end_e,
+                                                                 x_grd.shape[0]))
+    y_pd = block_batched.block_swiglu(x_grd, w_g).reshape(x_pd.shape)  # [P,D]
   else:
     sizes_e = jnp.bincount(idx_tk.reshape(-1), length=num_experts).astype(jnp.int32)
     y_pd = ragged_swiglu(x_pd, sizes_e, w)  # [P,D]
-  return combine(y_pd, weight_tk, lay.row_tk, lay.token_p, lay.pair_p, False)  # [T,D]
+  return combine(y_pd, weight_tk, lay.row_tk, lay.token_p, lay.pair_p, may_drop=False)
 
 
-def dispatch_with(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, backend: str,
-                  block_size: int, strategy: str | None = None) -> DispatchResult:
-  """The dropless path with an explicit backend (and "blocked" strategy)."""
+def dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, backend: str = "auto",
+             strategy: str = "auto", block_size: int = 0) -> DispatchResult:
+  """y_td = sum_k weight_tk * FFN_{idx_tk}(x_td), nothing dropped.
+
+  backend: "auto", "blocked" or "ragged_dot"; strategy ("blocked" only):
+  "auto", "loop" or "batched"; block_size ("blocked" only): rows per block,
+  0 to choose from the shape.
+  """
+  backend = resolve_backend(backend)
   if backend not in BACKENDS:
     raise ValueError(f"config.model.moe.gmm_backend={backend!r} is not available "
-                     f"in XLA; use one of {list(BACKENDS)}")
+                     f"in XLA; use one of {['auto', *BACKENDS]}")
   w = cast(experts, x_td.dtype)
-  if backend == "blocked" and (strategy or blocked_strategy()) == "loop":
-    y_td = _loop(x_td, idx_tk, weight_tk, w, block_size)
+  if backend == "ragged_dot":
+    y_td = _permuted(x_td, idx_tk, weight_tk, w, 1, backend)  # 1: sorted, no padding
   else:
-    block = block_size if backend == "blocked" else 1  # 1: sorted, no padding
-    y_td = _permuted(x_td, idx_tk, weight_tk, w, block, backend)
+    strategy = resolve_strategy(strategy)
+    block = resolve_block_size(block_size, idx_tk.size, w.w_gate_edf.shape[0], strategy)
+    if strategy == "loop":
+      y_td = _loop(x_td, idx_tk, weight_tk, w, block)
+    else:
+      y_td = _permuted(x_td, idx_tk, weight_tk, w, block, backend)
   return DispatchResult(y_td, no_drops())
-
-
-def dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, moe, train) -> DispatchResult:
-  del train
-  return dispatch_with(x_td, idx_tk, weight_tk, experts, backend=moe.gmm_backend,
-                       block_size=moe.block_size)

@@ -12,7 +12,7 @@ A `Layout` holds the integer maps between the two orders (no gradients):
 
 Two layouts:
   * `blocked_layout`: sorted by expert, each expert's rows padded to a multiple
-    of `block`, so every block of `block` rows belongs to one expert (dropless;
+    of `block` (R rows), so every block belongs to one expert (dropless;
     block=1 gives the plain sorted order of ragged_dot);
   * `capacity_layout`: E fixed buffers of C rows ([E, C, D] flattened); a pair
     takes row e*C + its rank among the pairs of expert e, if that rank < C.

@@ -9,6 +9,9 @@ gather by the inverse map instead (see `layout.Layout` for the maps):
   combine:   y_td[t]   = sum_k weight_tk[t, k] * y_pd[row_tk[t, k]]  (dropped: 0)
              dy_pd[p]  = weight[pair_p[p]] * dy_td[token_p[p]]      (padding: 0)
              dweight_tk[t, k] = <y_pd[row_tk[t, k]], dy_td[t]>
+
+`may_drop` (keyword) says whether some pairs have no row (capacity dispatch):
+their row index is out of range and reads as 0.
 """
 
 from __future__ import annotations
@@ -26,54 +29,61 @@ def _rows(a, idx, *, may_miss: bool):
   return a.at[idx].get(mode="promise_in_bounds")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def permute(x_td, token_p, row_tk, may_drop: bool):
+@functools.cache
+def _permute_fn(may_drop: bool):
+  @jax.custom_vjp
+  def fn(x_td, token_p, row_tk):
+    del row_tk
+    return _rows(x_td, token_p, may_miss=False)  # [P,D]
+
+  def fwd(x_td, token_p, row_tk):
+    return fn(x_td, token_p, row_tk), (token_p, row_tk)
+
+  def bwd(res, dx_pd):
+    token_p, row_tk = res
+    dx_tkd = _rows(dx_pd, row_tk, may_miss=may_drop)  # [T,K,D]
+    dx_td = jnp.sum(dx_tkd, axis=1, dtype=jnp.float32).astype(dx_pd.dtype)  # [T,D]
+    return dx_td, None, None
+
+  fn.defvjp(fwd, bwd)
+  return fn
+
+
+def permute(x_td, token_p, row_tk, *, may_drop: bool):
   """x_td [T, D] -> x_pd [P, D] (row p holds token token_p[p])."""
-  del row_tk
-  return _rows(x_td, token_p, may_miss=False)  # [P,D]
+  return _permute_fn(may_drop)(x_td, token_p, row_tk)
 
 
-def _permute_fwd(x_td, token_p, row_tk, may_drop):
-  return permute(x_td, token_p, row_tk, may_drop), (token_p, row_tk)
+@functools.cache
+def _combine_fn(may_drop: bool):
+  @jax.custom_vjp
+  def fn(y_pd, weight_tk, row_tk, token_p, pair_p):
+    del token_p, pair_p
+    y_tkd = _rows(y_pd, row_tk, may_miss=may_drop)  # [T,K,D]
+    y_td = jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_pd.dtype),
+                      preferred_element_type=jnp.float32)  # [T,D]
+    return y_td.astype(y_pd.dtype)
+
+  def fwd(y_pd, weight_tk, row_tk, token_p, pair_p):
+    return fn(y_pd, weight_tk, row_tk, token_p, pair_p), (y_pd, weight_tk, row_tk, token_p, pair_p)
+
+  def bwd(res, dy_td):
+    """dy_pd[p] = w[pair_p] * dy_td[token_p] (padding: 0); dw = <y_pd[row], dy>."""
+    y_pd, weight_tk, row_tk, token_p, pair_p = res
+    w_p = _rows(weight_tk.reshape(-1), pair_p, may_miss=True)  # [P]; padding -> 0
+    dy_pd = _rows(dy_td, token_p, may_miss=False) * w_p[:, None].astype(dy_td.dtype)  # [P,D]
+    y_tkd = _rows(y_pd, row_tk, may_miss=may_drop)  # [T,K,D]
+    dw_tk = jnp.einsum("tkd,td->tk", y_tkd, dy_td, preferred_element_type=jnp.float32)  # [T,K]
+    return dy_pd.astype(y_pd.dtype), dw_tk.astype(weight_tk.dtype), None, None, None
+
+  fn.defvjp(fwd, bwd)
+  return fn
 
 
-def _permute_bwd(may_drop, res, dx_pd):
-  token_p, row_tk = res
-  dx_tkd = _rows(dx_pd, row_tk, may_miss=may_drop)  # [T,K,D]
-  dx_td = jnp.sum(dx_tkd, axis=1, dtype=jnp.float32).astype(dx_pd.dtype)  # [T,D]
-  return dx_td, None, None
-
-
-permute.defvjp(_permute_fwd, _permute_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def combine(y_pd, weight_tk, row_tk, token_p, pair_p, may_drop: bool):
+def combine(y_pd, weight_tk, row_tk, token_p, pair_p, *, may_drop: bool):
   """y_td = sum_k weight_tk * y_pd[row_tk] (dropped pairs add 0), in y's dtype.
 
   The gather and the weighted sum fuse into one pass; no [T, K, D] array is
   kept for the backward.
   """
-  del token_p, pair_p
-  y_tkd = _rows(y_pd, row_tk, may_miss=may_drop)  # [T,K,D]
-  y_td = jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_pd.dtype),
-                    preferred_element_type=jnp.float32)  # [T,D]
-  return y_td.astype(y_pd.dtype)
-
-
-def _combine_fwd(y_pd, weight_tk, row_tk, token_p, pair_p, may_drop):
-  y_td = combine(y_pd, weight_tk, row_tk, token_p, pair_p, may_drop)
-  return y_td, (y_pd, weight_tk, row_tk, token_p, pair_p)
-
-
-def _combine_bwd(may_drop, res, dy_td):
-  """dy_pd[p] = w[pair_p] * dy_td[token_p] (padding: 0); dw = <y_pd[row], dy>."""
-  y_pd, weight_tk, row_tk, token_p, pair_p = res
-  w_p = _rows(weight_tk.reshape(-1), pair_p, may_miss=True)  # [P]; padding -> 0
-  dy_pd = (_rows(dy_td, token_p, may_miss=False) * w_p[:, None].astype(dy_td.dtype))  # [P,D]
-  y_tkd = _rows(y_pd, row_tk, may_miss=may_drop)  # [T,K,D]
-  dw_tk = jnp.einsum("tkd,td->tk", y_tkd, dy_td, preferred_element_type=jnp.float32)  # [T,K]
-  return dy_pd.astype(y_pd.dtype), dw_tk.astype(weight_tk.dtype), None, None, None
-
-
-combine.defvjp(_combine_fwd, _combine_bwd)
+  return _combine_fn(may_drop)(y_pd, weight_tk, row_tk, token_p, pair_p)

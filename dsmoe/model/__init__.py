@@ -1,6 +1,6 @@
 """Flax NNX modules of the DeepSeekMoE transformer."""
 
 from dsmoe.model.moe import MoE
-from dsmoe.model.transformer import Block, Transformer, is_moe_layer
+from dsmoe.model.transformer import Block, Transformer
 
-__all__ = ["Block", "MoE", "Transformer", "is_moe_layer"]
+__all__ = ["Block", "MoE", "Transformer"]

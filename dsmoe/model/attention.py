@@ -9,44 +9,50 @@ from flax import nnx
 from dsmoe.model.layers import normal_init
 
 
-def rope(x_bthk: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
-  """Rotates pairs (x[..., i], x[..., i + K/2]) by position * theta^(-2i/K)."""
-  k = x_bthk.shape[-1]
-  freq_f = theta ** (-jnp.arange(0, k, 2, dtype=jnp.float32) / k)  # [K/2]
-  ang_btf = positions_bt[..., None].astype(jnp.float32) * freq_f  # [B, T, K/2]
-  sin, cos = jnp.sin(ang_btf)[:, :, None, :], jnp.cos(ang_btf)[:, :, None, :]
-  x1, x2 = jnp.split(x_bthk.astype(jnp.float32), 2, axis=-1)
+def rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+  """Rotates pairs (x[..., i], x[..., i + H/2]) by position * theta^(-2i/H).
+
+  The rotate-half form of the released DeepSeek (and Llama) code.
+  """
+  h = x_btnh.shape[-1]
+  freq = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
+  ang = positions_bt[..., None].astype(jnp.float32) * freq  # [B,T,H/2]
+  sin, cos = jnp.sin(ang)[:, :, None, :], jnp.cos(ang)[:, :, None, :]
+  x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_bthk.dtype)
+  return out.astype(x_btnh.dtype)
 
 
 class Attention(nnx.Module):
-  """Causal MHA. With `segment_ids`, tokens attend only within their document."""
+  """Causal MHA. With `segment_ids`, tokens attend only within their document;
+  `positions` (default 0..T-1) are the RoPE positions of the tokens."""
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rope_theta: float,
                init_std: float, param_dtype, rngs: nnx.Rngs):
     init = normal_init(init_std)
     self.num_heads, self.head_dim, self.rope_theta = num_heads, head_dim, rope_theta
-    self.w_q_dhk = nnx.Param(init(rngs.params(), (d_model, num_heads, head_dim), param_dtype))
-    self.w_k_dhk = nnx.Param(init(rngs.params(), (d_model, num_heads, head_dim), param_dtype))
-    self.w_v_dhk = nnx.Param(init(rngs.params(), (d_model, num_heads, head_dim), param_dtype))
-    self.w_o_hkd = nnx.Param(init(rngs.params(), (num_heads, head_dim, d_model), param_dtype))
+    self.w_q_dnh = nnx.Param(init(rngs.params(), (d_model, num_heads, head_dim), param_dtype))
+    self.w_k_dnh = nnx.Param(init(rngs.params(), (d_model, num_heads, head_dim), param_dtype))
+    self.w_v_dnh = nnx.Param(init(rngs.params(), (d_model, num_heads, head_dim), param_dtype))
+    self.w_o_nhd = nnx.Param(init(rngs.params(), (num_heads, head_dim, d_model), param_dtype))
 
-  def __call__(self, x_btd: jax.Array, segment_ids_bt: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x_btd: jax.Array, segment_ids_bt: jax.Array | None = None,
+               positions_bt: jax.Array | None = None) -> jax.Array:
     dtype = x_btd.dtype
     b, t, _ = x_btd.shape
-    pos_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
-    q = jnp.einsum("btd,dhk->bthk", x_btd, self.w_q_dhk[...].astype(dtype))  # [B,T,H,K]
-    k = jnp.einsum("btd,dhk->bthk", x_btd, self.w_k_dhk[...].astype(dtype))  # [B,T,H,K]
-    v = jnp.einsum("btd,dhk->bthk", x_btd, self.w_v_dhk[...].astype(dtype))  # [B,T,H,K]
-    q, k = rope(q, pos_bt, self.rope_theta), rope(k, pos_bt, self.rope_theta)
-    logits = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32)  # [B,H,T,T]
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
+    q = jnp.einsum("btd,dnh->btnh", x_btd, self.w_q_dnh[...].astype(dtype))  # [B,T,N,H]
+    k = jnp.einsum("btd,dnh->btnh", x_btd, self.w_k_dnh[...].astype(dtype))  # [B,T,N,H]
+    v = jnp.einsum("btd,dnh->btnh", x_btd, self.w_v_dnh[...].astype(dtype))  # [B,T,N,H]
+    q, k = rope(q, positions_bt, self.rope_theta), rope(k, positions_bt, self.rope_theta)
+    logits = jnp.einsum("btnh,bunh->bntu", q, k).astype(jnp.float32)  # [B,N,T,U]
     logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
-    mask_qs = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
+    mask_tu = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]  # [1,1,T,U] causal
     if segment_ids_bt is not None:
-      same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]  # [B,T,T]
-      mask_qs = mask_qs & same[:, None]
-    logits = jnp.where(mask_qs, logits, jnp.finfo(jnp.float32).min)
+      same_btu = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]  # [B,T,U]
+      mask_tu = mask_tu & same_btu[:, None]
+    logits = jnp.where(mask_tu, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    out = jnp.einsum("bhqs,bshk->bqhk", probs, v)  # [B,T,H,K]
-    return jnp.einsum("bthk,hkd->btd", out, self.w_o_hkd[...].astype(dtype))
+    out = jnp.einsum("bntu,bunh->btnh", probs, v)  # [B,T,N,H]
+    return jnp.einsum("btnh,nhd->btd", out, self.w_o_nhd[...].astype(dtype))  # [B,T,D]

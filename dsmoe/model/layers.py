@@ -25,12 +25,12 @@ class RMSNorm(nnx.Module):
     return (x32 * inv * self.scale_d[...].astype(jnp.float32)).astype(x_btd.dtype)
 
 
-def swiglu(x_td, w_gate_dh, w_up_dh, w_down_hd):
+def swiglu(x_td, w_gate_df, w_up_df, w_down_fd):
   """down(silu(x @ gate) * (x @ up)); works for any leading dims of x."""
   dtype = x_td.dtype
-  g = jnp.einsum("...d,dh->...h", x_td, w_gate_dh.astype(dtype))  # [..., H]
-  u = jnp.einsum("...d,dh->...h", x_td, w_up_dh.astype(dtype))  # [..., H]
-  return jnp.einsum("...h,hd->...d", jax.nn.silu(g) * u, w_down_hd.astype(dtype))
+  g = jnp.einsum("...d,df->...f", x_td, w_gate_df.astype(dtype))  # [..., F]
+  u = jnp.einsum("...d,df->...f", x_td, w_up_df.astype(dtype))  # [..., F]
+  return jnp.einsum("...f,fd->...d", jax.nn.silu(g) * u, w_down_fd.astype(dtype))
 
 
 class MLP(nnx.Module):
@@ -39,12 +39,12 @@ class MLP(nnx.Module):
   def __init__(self, d_model: int, hidden: int, *, init_std: float, param_dtype,
                rngs: nnx.Rngs):
     init = normal_init(init_std)
-    self.w_gate_dh = nnx.Param(init(rngs.params(), (d_model, hidden), param_dtype))
-    self.w_up_dh = nnx.Param(init(rngs.params(), (d_model, hidden), param_dtype))
-    self.w_down_hd = nnx.Param(init(rngs.params(), (hidden, d_model), param_dtype))
+    self.w_gate_df = nnx.Param(init(rngs.params(), (d_model, hidden), param_dtype))
+    self.w_up_df = nnx.Param(init(rngs.params(), (d_model, hidden), param_dtype))
+    self.w_down_fd = nnx.Param(init(rngs.params(), (hidden, d_model), param_dtype))
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
-    return swiglu(x_btd, self.w_gate_dh[...], self.w_up_dh[...], self.w_down_hd[...])
+    return swiglu(x_btd, self.w_gate_df[...], self.w_up_df[...], self.w_down_fd[...])
 
 
 class Embed(nnx.Module):

@@ -1,4 +1,4 @@
-"""Balance losses of DeepSeekMoE (PAPER.md section 1). Pure functions.
+"""Balance losses of DeepSeekMoE (docs/MODEL.md). Pure functions.
 
 Notation: N' routed experts, K' chosen per token, T tokens the statistic runs
 over, s_{i,t} the router scores (softmax over routed experts).

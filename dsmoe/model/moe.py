@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from dsmoe import dispatch
 from dsmoe.model import losses
 from dsmoe.model.layers import MLP, normal_init
-from dsmoe.model.router import Router, hash_routing
+from dsmoe.model.router import Router, Routing, hash_routing
+from dsmoe.spec import ModelSpec
 
 
 class MoE(nnx.Module):
   """h_t = sum_{i<=K_s} FFN_i(u_t) + sum_{i>K_s} g_{i,t} FFN_i(u_t)  (residual outside).
 
-  Steps of one call on u [B, T, D]:
+  Steps of one call on u [B, T, D] (docs/MODEL.md has the formulas):
     1. router: scores s [B,T,N'] in float32 (softmax over routed experts only),
        top-K' indices and gates g (optionally renormalised, then scaled);
        the hash router instead picks one expert from the token id, gate 1;
@@ -24,66 +24,74 @@ class MoE(nnx.Module):
        sequence if `seq_aux`) and device-level a2 * L_DevBal (D groups);
     3. shared experts: K_s experts run as one SwiGLU MLP of hidden
        K_s * expert_hidden on every token, unweighted;
-    4. routed experts: the configured dispatch (`moe.impl`) computes
-       sum_k g_k FFN_{e_k}(u_t);
-    5. routing statistics: tokens per expert and the dropped fraction.
+    4. routed experts: the configured dispatch (`spec.impl`, dsmoe.dispatch)
+       computes sum_k g_k FFN_{e_k}(u_t);
+    5. routing statistics: (token, slot) picks per expert and the dropped
+       fraction.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    """`cfg` is the resolved model config (see dsmoe.config.resolve)."""
-    moe = cfg.moe
-    self.moe = moe
-    pdt = jnp.dtype(cfg.param_dtype)
-    e, d, h = moe.num_routed_experts, cfg.d_model, moe.expert_hidden
-    if moe.router == "topk":
-      self.router = Router(d, e, top_k=moe.top_k, score_fn=moe.score_fn,
-                           norm_topk_prob=moe.norm_topk_prob,
-                           routed_scaling_factor=moe.routed_scaling_factor,
-                           init_std=cfg.init_std, param_dtype=pdt, rngs=rngs)
+  def __init__(self, model: ModelSpec, *, rngs: nnx.Rngs):
+    spec = self.spec = model.moe  # frozen and hashable: part of the graphdef
+    pdt = jnp.dtype(model.param_dtype)
+    e, d, f = spec.num_routed_experts, model.d_model, spec.expert_hidden
+    if spec.router == "topk":
+      self.router = Router(d, e, top_k=spec.top_k, score_fn=spec.score_fn,
+                           norm_topk_prob=spec.norm_topk_prob,
+                           routed_scaling_factor=spec.routed_scaling_factor,
+                           init_std=model.init_std, param_dtype=pdt, rngs=rngs)
     else:
       self.router = None
-    self.shared = (MLP(d, moe.num_shared_experts * h, init_std=cfg.init_std,
+    self.shared = (MLP(d, spec.num_shared_experts * f, init_std=model.init_std,
                        param_dtype=pdt, rngs=rngs)
-                   if moe.num_shared_experts > 0 else None)
-    init = normal_init(cfg.init_std)
-    self.w_gate_edh = nnx.Param(init(rngs.params(), (e, d, h), pdt))
-    self.w_up_edh = nnx.Param(init(rngs.params(), (e, d, h), pdt))
-    self.w_down_ehd = nnx.Param(init(rngs.params(), (e, h, d), pdt))
+                   if spec.num_shared_experts > 0 else None)
+    init = normal_init(model.init_std)
+    self.w_gate_edf = nnx.Param(init(rngs.params(), (e, d, f), pdt))
+    self.w_up_edf = nnx.Param(init(rngs.params(), (e, d, f), pdt))
+    self.w_down_efd = nnx.Param(init(rngs.params(), (e, f, d), pdt))
 
   def experts(self) -> dispatch.ExpertWeights:
-    return dispatch.ExpertWeights(self.w_gate_edh[...], self.w_up_edh[...], self.w_down_ehd[...])
+    return dispatch.ExpertWeights(self.w_gate_edf[...], self.w_up_edf[...], self.w_down_efd[...])
 
-  def route(self, x_btd: jax.Array, tokens_bt: jax.Array):
+  def route(self, x_btd: jax.Array, tokens_bt: jax.Array) -> Routing:
     if self.router is None:
-      return hash_routing(tokens_bt, self.moe.num_routed_experts)
+      return hash_routing(tokens_bt, self.spec.num_routed_experts)
     return self.router(x_btd)
 
-  def aux_losses(self, routing) -> dict[str, jax.Array]:
+  def aux_losses(self, routing: Routing) -> dict[str, jax.Array]:
+    """The weighted balance losses of this layer (none for the hash router)."""
+    spec = self.spec
     if routing.scores_bte is None:
       return {}
     out = {}
-    if self.moe.aux_loss_alpha > 0:
-      out["expert_balance"] = self.moe.aux_loss_alpha * losses.expert_balance_loss(
-          routing.scores_bte, routing.idx_btk, seq_aux=self.moe.seq_aux)
-    if self.moe.device_balance_alpha > 0:
-      out["device_balance"] = self.moe.device_balance_alpha * losses.device_balance_loss(
-          routing.scores_bte, routing.idx_btk, num_groups=self.moe.num_device_groups)
+    if spec.aux_loss_alpha > 0:
+      out["expert_balance"] = spec.aux_loss_alpha * losses.expert_balance_loss(
+          routing.scores_bte, routing.idx_btk, seq_aux=spec.seq_aux)
+    if spec.device_balance_alpha > 0:
+      out["device_balance"] = spec.device_balance_alpha * losses.device_balance_loss(
+          routing.scores_bte, routing.idx_btk, num_groups=spec.num_device_groups)
     return out
 
+  def routed(self, x_td: jax.Array, routing: Routing, *, train: bool) -> dispatch.DispatchResult:
+    """Step 4 on the flattened tokens x_td [T, D]."""
+    spec, k = self.spec, routing.idx_btk.shape[-1]
+    return dispatch.routed_experts(
+        x_td, routing.idx_btk.reshape(-1, k), routing.weight_btk.reshape(-1, k),
+        self.experts(), impl=spec.impl,
+        capacity_factor=spec.capacity_factor if train else spec.eval_capacity_factor,
+        drop_policy=spec.drop_policy, backend=spec.gmm_backend,
+        strategy=spec.gmm_strategy, block_size=spec.block_size)
+
   def __call__(self, x_btd: jax.Array, tokens_bt: jax.Array, *, train: bool = True):
+    """(y [B,T,D], {aux loss name: value}, {"tokens_per_expert" [E], "dropped_fraction"})."""
     b, t, d = x_btd.shape
     routing = self.route(x_btd, tokens_bt)  # [B,T,K] indices and gates
-    fn = dispatch.get(self.moe.impl)
-    routed = fn(x_btd.reshape(b * t, d), routing.idx_btk.reshape(b * t, -1),
-                routing.weight_btk.reshape(b * t, -1), self.experts(),
-                moe=self.moe, train=train)
+    routed = self.routed(x_btd.reshape(b * t, d), routing, train=train)
     y_btd = routed.y_td.reshape(b, t, d)
     if self.shared is not None:
       y_btd = y_btd + self.shared(x_btd)
-    load_e = losses.expert_counts(routing.idx_btk, self.moe.num_routed_experts).sum(axis=0)
     stats = {
-        "tokens_per_expert": load_e,  # [E] (token, slot) picks per expert
-        "max_over_mean_load": jnp.max(load_e) / jnp.mean(load_e),  # 1.0 = balanced
+        "tokens_per_expert": losses.expert_counts(
+            routing.idx_btk, self.spec.num_routed_experts).sum(axis=0),  # [E]
         "dropped_fraction": routed.dropped_fraction,
     }
     return y_btd, self.aux_losses(routing), stats

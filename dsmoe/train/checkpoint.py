@@ -1,8 +1,9 @@
 """Orbax checkpoints of the training state and the data-iterator state.
 
 Layout: ``<workdir>/checkpoints/<step>/{state,data}``. "state" is the train
-state pytree (dsmoe.train.step), "data" a JSON list with one data-iterator
-state per process. Saves are asynchronous; Orbax writes each checkpoint to a
+state pytree (dsmoe.train.step), "data" a JSON object: ``{"iterators": [one
+data-iterator state per process], "log_interval": the metric sums of the
+unfinished logging interval (dsmoe.train.metrics.Interval)}``. Saves are asynchronous; Orbax writes each checkpoint to a
 temporary directory and renames it when complete, and deletes an old one
 only after a newer one is complete, so the workdir always keeps its last
 good checkpoint. Restores check every array's shape and dtype against the
@@ -92,9 +93,10 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, data_state) -> None:
-    """Starts an asynchronous save of `state` and every process's data state."""
-    data = _gather_json(data_state)
+  def save(self, step: int, state, data_state, log_interval: dict | None = None) -> None:
+    """Starts an asynchronous save of `state`, every process's data state and
+    the unfinished logging interval."""
+    data = {"iterators": _gather_json(data_state), "log_interval": log_interval or {}}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
 
@@ -105,7 +107,7 @@ class Checkpoints:
     self.manager.close()
 
   def restore(self, abstract_state, step: int | None = None):
-    """(state, list of every process's data state) of `step` (default: latest).
+    """(state, data) of `step` (default: latest); data as saved by :meth:`save`.
 
     Raises CheckpointError when the checkpoint is missing, unreadable or its
     arrays do not match `abstract_state` (from the config).
@@ -133,25 +135,27 @@ class Checkpoints:
 
 
 def data_state_for_this_process(data, where: str):
-  """This process's entry of a checkpoint's data states (same process count)."""
-  if not isinstance(data, list) or len(data) != jax.process_count():
-    n = len(data) if isinstance(data, list) else "?"
+  """This process's entry of a checkpoint's data-iterator states (same process count)."""
+  iterators = data.get("iterators") if isinstance(data, dict) else None
+  if not isinstance(iterators, list) or len(iterators) != jax.process_count():
+    n = len(iterators) if isinstance(iterators, list) else "?"
     raise CheckpointError(f"checkpoint {where} holds data-iterator states of {n} "
                           f"processes; this run has {jax.process_count()}")
-  return data[jax.process_index()]
+  return iterators[jax.process_index()]
 
 
 def init_or_restore(config, tx, ckpts, mesh, data_iter, step: int | None = None):
-  """(graphdef, state): the checkpoint of `step` (default latest) or a fresh init."""
+  """(graphdef, state, log_interval) from checkpoint `step` (default latest), or a
+  fresh init (log_interval {}). Restores `data_iter`'s state when given."""
   graphdef, shapes = step_lib.abstract_state(config, tx)
   replicated = NamedSharding(mesh, P())
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                         shapes)
   if step is not None or ckpts.latest_step() is not None:
-    state, data_states = ckpts.restore(shapes, step)
+    state, data = ckpts.restore(shapes, step)
     if data_iter is not None:
       where = ckpts.path(int(state["step"]))
-      data_iter.set_state(data_state_for_this_process(data_states, where))
-    return graphdef, state
+      data_iter.set_state(data_state_for_this_process(data, where))
+    return graphdef, state, data.get("log_interval", {}) if isinstance(data, dict) else {}
   init = jax.jit(lambda: step_lib.init_state(config, tx)[1], out_shardings=replicated)
-  return graphdef, init()
+  return graphdef, init(), {}

@@ -6,7 +6,6 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 
 from dsmoe import config as config_lib
@@ -33,7 +32,7 @@ def evaluate(config, graphdef, state, mesh, *, eval_fn=None) -> dict:
           "eval_tokens": n}
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+def evaluate_checkpoint(config, workdir: str,
                         step: int | None = None) -> dict:
   """Evaluates checkpoint `step` (default: latest) of `workdir`.
 
@@ -46,12 +45,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     raise checkpoint_lib.CheckpointError(f"no checkpoints in {workdir}/checkpoints")
   ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
   tx = optimizer_lib.make_optimizer(config.train)
-  mesh = make_mesh()
+  mesh = make_mesh(config.mesh)
   try:
     step = ckpts.latest_step() if step is None else step
     if step is None:
       raise checkpoint_lib.CheckpointError(f"no checkpoints in {ckpts.directory}")
-    graphdef, state = checkpoint_lib.init_or_restore(config, tx, ckpts, mesh, None, step)
+    graphdef, state, _ = checkpoint_lib.init_or_restore(config, tx, ckpts, mesh, None, step)
   finally:
     ckpts.close()
   result = {"step": int(state["step"]), "checkpoint": ckpts.path(int(state["step"])),

@@ -3,10 +3,12 @@
 1. resolve + validate the config (before anything is traced);
 2. build the mesh (one 'data' axis over all devices), the optimizer, the data
    iterator, and either restore the latest checkpoint of `workdir` (model,
-   optimizer, step, RNG, data-iterator state) or initialise;
+   optimizer, step, data-iterator state, unfinished logging interval) or
+   initialise;
 3. loop: global batch -> jitted train_step (donated state) -> non-finite
-   check -> metrics (jsonl, TensorBoard, tqdm) -> checkpoint every
-   `train.checkpoint_every` steps; SIGTERM/SIGINT finish the step, save, return;
+   check -> metrics averaged over the logging interval (jsonl, TensorBoard,
+   tqdm) -> checkpoint every `train.checkpoint_every` steps; SIGTERM/SIGINT
+   finish the step, save, return;
 4. save the final checkpoint, evaluate, plot.
 """
 
@@ -17,7 +19,6 @@ import os
 import time
 
 import jax
-import ml_collections
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -40,7 +41,7 @@ class NonFiniteError(FloatingPointError):
 @dataclasses.dataclass
 class Run:
   """What the loop needs besides the state and the data iterator."""
-  config: ml_collections.ConfigDict
+  config: object  # dsmoe.spec.Spec
   workdir: str
   mesh: Mesh
   graphdef: object
@@ -48,6 +49,7 @@ class Run:
   ckpts: checkpoint_lib.Checkpoints
   writer: metrics_lib.MetricWriter
   flops_per_token: float
+  interval: metrics_lib.Interval
 
   @property
   def main(self) -> bool:
@@ -75,7 +77,7 @@ def _nonfinite(run: Run, step: int, m: dict) -> NonFiniteError:
 
 def _save(run: Run, step: int, state, data_iter) -> None:
   if run.ckpts.latest_step() != step:
-    run.ckpts.save(step, state, data_iter.get_state())
+    run.ckpts.save(step, state, data_iter.get_state(), run.interval.state())
 
 
 def _train(run: Run, state, data_iter, stop: StopOnSignal):
@@ -94,14 +96,16 @@ def _train(run: Run, state, data_iter, stop: StopOnSignal):
       bar.close()
       raise _nonfinite(run, step, m)
     tokens += float(m["tokens"])
+    run.interval.add(m)
     bar.update(1)
     if step % t.log_every == 0 or step == t.steps:
       now = time.perf_counter()
-      record = metrics_lib.summarize(m, step=step, tokens_per_s=tokens / (now - clock),
-                                     flops_per_token=run.flops_per_token, peak_flops_total=peak_total)
+      record = run.interval.summary(step=step, tokens_per_s=tokens / (now - clock),
+                                    flops_per_token=run.flops_per_token,
+                                    peak_flops_total=peak_total)
       run.writer.write(record)
       bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-      clock, tokens = now, 0.0
+      clock, tokens, run.interval = now, 0.0, metrics_lib.Interval()
     if t.eval_every and step % t.eval_every == 0 and step != t.steps:
       t0 = time.perf_counter()
       run.writer.write({"step": step, **evaluate(run.config, run.graphdef, state, run.mesh,
@@ -143,7 +147,7 @@ def _plot(workdir: str) -> None:
   print(f"plot: {plots.plot_run(workdir)}")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming from its latest checkpoint).
 
   Returns {"step", "stopped", "eval_loss", "eval_perplexity", ...} and the
@@ -153,15 +157,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = config_lib.resolve(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  mesh = make_mesh()
+  mesh = make_mesh(config.mesh)
   _check_batch(config, mesh)
   tx = optimizer_lib.make_optimizer(config.train)
   ckpts = checkpoint_lib.Checkpoints(workdir, config.train.keep_checkpoints)
   data_iter = iter(make_loader(config, "train"))
-  graphdef, state = checkpoint_lib.init_or_restore(config, tx, ckpts, mesh, data_iter)
+  graphdef, state, interval = checkpoint_lib.init_or_restore(config, tx, ckpts, mesh, data_iter)
   start = int(state["step"])
   writer = metrics_lib.MetricWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
-  run = Run(config, workdir, mesh, graphdef, tx, ckpts, writer, fpt)
+  run = Run(config, workdir, mesh, graphdef, tx, ckpts, writer, fpt,
+            metrics_lib.Interval(interval))
   if run.main:
     print(f"{'resuming from step ' + str(start) if start else 'starting'}: "
           f"workdir {workdir}, {jax.device_count()} devices, {jax.process_count()} processes")

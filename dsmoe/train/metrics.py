@@ -29,23 +29,68 @@ def expert_load_stats(tokens_per_expert_le: np.ndarray) -> dict[str, float]:
   return out
 
 
-def summarize(m: dict, *, step: int, tokens_per_s: float, flops_per_token: float,
+class Interval:
+  """Running sums of the per-step metrics since the last log line.
+
+  The logged ``loss`` is the mean over the interval's tokens (total
+  cross-entropy / total tokens of its finite steps), as TensorBoard users
+  expect; aux losses, gradient norm and dropped fraction are per-step means,
+  expert loads are summed. ``state()`` is JSON and goes into each checkpoint,
+  so a resumed run logs what an uninterrupted one would.
+  """
+
+  KEYS = ("steps", "finite_steps", "ce_sum", "tokens", "grad_norm_sum", "dropped_sum")
+
+  def __init__(self, state: dict | None = None):
+    state = state or {}
+    self.sums = {k: float(state.get("sums", {}).get(k, 0.0)) for k in self.KEYS}
+    self.aux = dict(state.get("aux", {}))
+    tpe = state.get("tokens_per_expert")
+    self.tokens_per_expert = None if tpe is None else np.asarray(tpe, np.float64)
+    self.last = dict(state.get("last", {}))
+
+  def add(self, m: dict) -> None:
+    """Adds one train step's host metrics (dsmoe.train.step.train_step)."""
+    s = self.sums
+    s["steps"] += 1
+    if bool(m["finite"]):
+      s["finite_steps"] += 1
+      s["ce_sum"] += float(m["loss"]) * float(m["tokens"])
+      s["tokens"] += float(m["tokens"])
+      s["grad_norm_sum"] += float(m["grad_norm"])
+      for k, v in m.items():
+        if k.startswith("aux/"):
+          self.aux[k] = self.aux.get(k, 0.0) + float(v)
+    if "tokens_per_expert" in m:
+      tpe = np.asarray(m["tokens_per_expert"], np.float64)
+      self.tokens_per_expert = tpe if self.tokens_per_expert is None else self.tokens_per_expert + tpe
+      s["dropped_sum"] += float(np.mean(m["dropped_fraction"]))
+    self.last = {"loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
+                 "skipped": int(m["skipped"])}
+
+  def state(self) -> dict:
+    tpe = None if self.tokens_per_expert is None else self.tokens_per_expert.tolist()
+    return {"sums": dict(self.sums), "aux": dict(self.aux), "tokens_per_expert": tpe,
+            "last": dict(self.last)}
+
+  def summary(self, *, step: int, tokens_per_s: float, flops_per_token: float,
               peak_flops_total: float) -> dict:
-  """Host metrics of one train step -> the flat dict that gets logged."""
-  loss = float(m["loss"])
-  out = {"step": step, "loss": loss,
-         "perplexity": float(math.exp(min(loss, 80.0))) if math.isfinite(loss) else loss,
-         "grad_norm": float(m["grad_norm"]), "learning_rate": float(m["learning_rate"]),
-         "tokens_per_s": tokens_per_s,
-         "mfu": tokens_per_s * flops_per_token / peak_flops_total if peak_flops_total else 0.0,
-         "skipped_steps": int(m["skipped"])}
-  out.update({k: float(v) for k, v in m.items() if k.startswith("aux/")})
-  if "tokens_per_expert" in m:
-    tpe = np.asarray(m["tokens_per_expert"], np.float64)
-    out.update(expert_load_stats(tpe))
-    out["dropped_fraction"] = float(np.mean(m["dropped_fraction"]))
-    out["expert_load"] = (tpe / np.maximum(tpe.sum(-1, keepdims=True), 1)).round(5).tolist()
-  return out
+    """The flat dict that gets logged for the interval ending at `step`."""
+    s, n = self.sums, max(self.sums["finite_steps"], 1.0)
+    loss = s["ce_sum"] / s["tokens"] if s["tokens"] else float("nan")
+    out = {"step": step, "loss": loss, "loss_step": self.last["loss"],
+           "perplexity": float(math.exp(min(loss, 80.0))) if math.isfinite(loss) else loss,
+           "grad_norm": s["grad_norm_sum"] / n if s["finite_steps"] else float("nan"),
+           "learning_rate": self.last["learning_rate"], "tokens_per_s": tokens_per_s,
+           "mfu": tokens_per_s * flops_per_token / peak_flops_total if peak_flops_total else 0.0,
+           "skipped_steps": self.last["skipped"], "steps_in_interval": int(s["steps"])}
+    out.update({k: v / n for k, v in self.aux.items()})
+    if self.tokens_per_expert is not None:
+      tpe = self.tokens_per_expert
+      out.update(expert_load_stats(tpe))
+      out["dropped_fraction"] = s["dropped_sum"] / s["steps"]
+      out["expert_load"] = (tpe / np.maximum(tpe.sum(-1, keepdims=True), 1)).round(5).tolist()
+    return out
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:

@@ -6,11 +6,14 @@ The training state is a plain dict pytree (what Orbax saves):
      "skipped": int32 [],         non-finite updates skipped (train.skip_nonfinite)
      "params": {...},             nnx.Param values as a pure dict (float32 master)
      "rest": {...},               any other model variables (pure dict)
-     "opt_state": ...,            Optax state over "params"
-     "rng": uint32 [2]}           base key data (per-step keys fold in "step")
+     "opt_state": ...}            Optax state over "params"
+
+The model has no dropout (as the paper), so the state holds no RNG; the
+initialisation is seeded by ``train.seed``.
 
 The model is rebuilt inside the traced function with ``nnx.merge(graphdef,
-params, rest)``; `graphdef` is static (closed over by :func:`jit_train_step`).
+params, rest)``; `graphdef` is static (closed over by :func:`jit_train_step`;
+it holds the frozen ModelSpec, so it is hashable).
 """
 
 from __future__ import annotations
@@ -19,26 +22,25 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 
 from dsmoe.model import Transformer
+from dsmoe.spec import Spec
 from dsmoe.train import optimizer as optimizer_lib
 
 
-def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
+def init_state(config: Spec, tx: optax.GradientTransformation):
   """(graphdef, state) of a freshly initialised model; `config` is resolved."""
   model = Transformer(config.model, rngs=nnx.Rngs(params=config.train.seed))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-  rng = jax.random.key_data(jax.random.key(config.train.seed + 1))
   state = {"step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32),
-           "params": params, "rest": rest, "opt_state": tx.init(params), "rng": rng}
+           "params": params, "rest": rest, "opt_state": tx.init(params)}
   return graphdef, state
 
 
-def abstract_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
+def abstract_state(config: Spec, tx: optax.GradientTransformation):
   """(graphdef, state of ShapeDtypeStructs): shapes without allocating."""
   out = {}
 
@@ -60,7 +62,8 @@ def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Arr
 
 def _forward(graphdef, params, rest, batch, *, train: bool):
   model = nnx.merge(graphdef, params, rest)
-  logits_btv, aux = model(batch["inputs"], batch["segment_ids"], train=train)
+  logits_btv, aux = model(batch["inputs"], batch["segment_ids"], batch.get("positions"),
+                          train=train)
   ce_sum, n = cross_entropy(logits_btv, batch["targets"], batch["segment_ids"] > 0)
   return ce_sum, n, aux
 
@@ -135,7 +138,7 @@ def eval_step(params, rest, batch, *, graphdef):
   return {"ce_sum": ce_sum, "tokens": n}
 
 
-def jit_train_step(config: ml_collections.ConfigDict, graphdef, tx):
+def jit_train_step(config: Spec, graphdef, tx):
   """train_step jitted with the state donated (updated in place)."""
   t = config.train
   fn = functools.partial(train_step, graphdef=graphdef, tx=tx,
