@@ -75,9 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
   e.device_balance_alpha = 0.0  # a2, device-level balance
   e.num_device_groups = 1  # D groups of consecutive routed experts
   e.impl = "dropless"  # "dense" (reference), "dropless", "capacity"
-  e.gmm_backend = "auto"  # grouped matmul: "auto", "blocked", "ragged_dot"
+  e.gmm_backend = "auto"  # grouped matmul: "auto", "blocked", "ragged_dot", "pallas"
+  # ("pallas": Pallas kernels, TPU/GPU; on CPU interpreted, for tests only)
   e.gmm_strategy = "auto"  # how "blocked" runs: "auto", "loop" (CPU), "batched" (GPU)
-  e.block_size = 0  # rows per single-expert block of "blocked"; 0: chosen from the shape
+  e.block_size = 0  # rows per single-expert block of "blocked"/"pallas"; 0: from the shape
   e.capacity_factor = 1.25  # capacity = factor * tokens * top_k / experts
   e.eval_capacity_factor = 0.0  # 0: never drop at evaluation
   e.drop_policy = "position"  # "position" or "score"
@@ -272,9 +273,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(e, "model.moe", "drop_policy", DROP_POLICIES)
   if e.router == "hash" and top_k != 1:
     _fail("model.moe.top_k", "the hash router picks exactly one expert (top_k=1)", top_k)
-  if e.gmm_backend == "pallas":
-    _fail("model.moe.gmm_backend", "the Pallas grouped matmul is not built yet "
-          "(milestone M3); use 'auto', 'blocked' or 'ragged_dot'", e.gmm_backend)
   for k in ("aux_loss_alpha", "device_balance_alpha"):
     if e[k] < 0:
       _fail(f"model.moe.{k}", "balance-loss weights must be >= 0", e[k])
@@ -283,6 +281,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not isinstance(e.block_size, int) or e.block_size < 0:
     _fail("model.moe.block_size", "must be an integer >= 0 (0: chosen from the shape)",
           e.block_size)
+  if e.gmm_backend == "pallas" and e.block_size and (
+      e.block_size < 16 or e.block_size & (e.block_size - 1)):
+    _fail("model.moe.block_size", "with gmm_backend='pallas' it is the kernels' row "
+          "tile: 0 or a power of two >= 16", e.block_size)
   if e.eval_capacity_factor < 0:
     _fail("model.moe.eval_capacity_factor", "must be >= 0 (0: no dropping)", e.eval_capacity_factor)
   if n_routed % e.num_device_groups:

@@ -31,7 +31,7 @@ class MoESpec:
   device_balance_alpha: float = 0.0  # a2
   num_device_groups: int = 1  # D
   impl: str = "dropless"  # "dense", "dropless", "capacity"
-  gmm_backend: str = "auto"  # "auto", "blocked", "ragged_dot"
+  gmm_backend: str = "auto"  # "auto", "blocked", "ragged_dot", "pallas"
   gmm_strategy: str = "auto"  # "auto", "loop", "batched"
   block_size: int = 0  # 0: chosen from the shape
   capacity_factor: float = 1.25

@@ -46,8 +46,8 @@ CASES = [
      "config.model.moe.num_device_groups=4"),
     ("hash router with top-k > 1", lambda c: setattr(c.model.moe, "router", "hash"),
      "config.model.moe.top_k=6"),
-    ("pallas before M3", lambda c: setattr(c.model.moe, "gmm_backend", "pallas"),
-     "config.model.moe.gmm_backend='pallas'"),
+    ("pallas block not a power of two", lambda c: c.model.moe.update(
+        dict(gmm_backend="pallas", block_size=24)), "config.model.moe.block_size=24"),
 ]
 
 

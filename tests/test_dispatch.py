@@ -18,7 +18,7 @@ import dsmoe
 from dsmoe import dispatch
 from dsmoe.dispatch import ExpertWeights, capacity, dense, dropless
 from dsmoe.model import Transformer
-from tests.conftest import load_config, small_config
+from tests.conftest import small_config
 
 D, H = 16, 8
 
@@ -30,6 +30,7 @@ PATHS = [
     ("dropless", dict(backend="blocked", strategy="loop", block_size=0)),  # from the shape
     ("dropless", dict(backend="blocked", strategy="batched", block_size=4)),
     ("dropless", dict(backend="ragged_dot")),
+    ("dropless", dict(backend="pallas", block_size=16)),  # CPU: Pallas interpreter
     ("capacity", dict(strategy="loop")),
     ("capacity", dict(strategy="batched")),
 ]
@@ -228,13 +229,6 @@ def test_auto_settings_resolve_per_platform():
   x, idx, weight, experts = make_case(0, 4, 4, 1)
   with pytest.raises(ValueError, match="impl"):
     dispatch.routed_experts(x, idx, weight, experts, impl="nope")
-
-
-def test_pallas_backend_is_a_config_error():
-  cfg = load_config("tiny")
-  cfg.model.moe.gmm_backend = "pallas"
-  with pytest.raises(ValueError, match="gmm_backend"):
-    dsmoe.validate(cfg)
 
 
 @pytest.mark.parametrize("impl,backend,strategy", [

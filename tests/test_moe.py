@@ -79,12 +79,14 @@ def test_shared_experts_apply_to_every_token_routed_only_to_selected():
   np.testing.assert_array_equal(changed, chosen == e)
 
 
-def test_dropless_equals_dense_forward_and_gradients():
+@pytest.mark.parametrize("backend", ["auto", "pallas"])  # pallas on CPU: interpreted
+def test_dropless_equals_dense_forward_and_gradients(backend):
   x = jax.random.normal(jax.random.key(3), (2, 7, 16))
   tokens = jnp.zeros((2, 7), jnp.int32)
 
   def loss_and_grads(impl):
-    block = MoE(small_model_cfg(impl, routed=8, top_k=3), rngs=nnx.Rngs(0))
+    block = MoE(small_model_cfg(impl, routed=8, top_k=3, gmm_backend=backend),
+                rngs=nnx.Rngs(0))
 
     def f(block, x):
       y, aux, _ = block(x, tokens)

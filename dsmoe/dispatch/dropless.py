@@ -12,15 +12,20 @@ Steps:
   2'. otherwise: permute the token rows into a buffer x_pd [P, D]; grouped
      SwiGLU (backend "blocked", strategy "batched": batched matmuls with
      per-block gathered weights, block_batched.py; backend "ragged_dot":
-     lax.ragged_dot on the unpadded sorted rows); combine: gather each pair's
-     row back and sum with the gate weights (gather-only backwards,
-     permute.py).
+     lax.ragged_dot on the unpadded sorted rows; backend "pallas": the
+     grouped-matmul kernels of pallas_kernels/gmm on the block-padded rows,
+     one kernel per projection, Mosaic on TPU and Triton on GPU, chosen by
+     the lowering platform; on CPU they run in the Pallas interpreter, which
+     is slow and meant for tests); combine: gather each pair's row back and
+     sum with the gate weights (gather-only backwards, permute.py).
 
 "auto" settings are resolved from the platform the computation is traced
 for (`jax.default_backend()`): backend "ragged_dot" on TPU (a native grouped
 matmul there), "blocked" elsewhere (XLA's ragged_dot densifies on CPU and
-GPU); strategy "loop" on CPU, "batched" elsewhere (kernel launches); block
-size from the shape (:func:`auto_block_size`).
+GPU); "pallas" only on the platforms in AUTO_PALLAS_PLATFORMS, empty until a
+benchmark on that hardware shows the kernels faster (docs/BENCHMARKS.md);
+strategy "loop" on CPU, "batched" elsewhere (kernel launches); block size
+from the shape (:func:`auto_block_size`; 128 for "pallas").
 
 No token is ever dropped and every shape is static.
 """
@@ -35,16 +40,23 @@ from dsmoe.dispatch import layout as layout_lib
 from dsmoe.dispatch.common import DispatchResult, ExpertWeights, cast, gate_per_row, no_drops
 from dsmoe.dispatch.expert_loop import expert_loop
 from dsmoe.dispatch.permute import combine, permute
+from pallas_kernels import gmm as pallas_gmm
 
-BACKENDS = ("blocked", "ragged_dot")
+BACKENDS = ("blocked", "ragged_dot", "pallas")
 STRATEGIES = ("loop", "batched")
+# Platforms where "auto" picks the Pallas kernels. Empty: they have not been
+# measured on a GPU or TPU yet (docs/BENCHMARKS.md, "Pallas kernels").
+AUTO_PALLAS_PLATFORMS: tuple[str, ...] = ()
+PALLAS_BLOCK = 128  # rows per block (and kernel row tile) of "pallas" by default
 
 
 def resolve_backend(backend: str, platform: str | None = None) -> str:
-  """"auto" -> the fastest grouped matmul in XLA on `platform` (default: current)."""
+  """"auto" -> the fastest grouped matmul measured on `platform` (default: current)."""
   if backend != "auto":
     return backend
   platform = platform or jax.default_backend()
+  if platform in AUTO_PALLAS_PLATFORMS:
+    return "pallas"
   return "ragged_dot" if platform == "tpu" else "blocked"
 
 
@@ -87,6 +99,14 @@ def ragged_swiglu(x_pd, group_sizes_e, experts: ExpertWeights):
   return jax.lax.ragged_dot(jax.nn.silu(g) * u, experts.w_down_efd, group_sizes_e)  # [P,D]
 
 
+def pallas_swiglu(x_pd, group_sizes_e, experts: ExpertWeights, tiling: pallas_gmm.Tiling):
+  """SwiGLU where consecutive row groups use consecutive experts (Pallas gmm)."""
+  g = pallas_gmm.gmm(x_pd, experts.w_gate_edf, group_sizes_e, tiling=tiling)  # [P,F]
+  u = pallas_gmm.gmm(x_pd, experts.w_up_edf, group_sizes_e, tiling=tiling)  # [P,F]
+  return pallas_gmm.gmm(jax.nn.silu(g) * u, experts.w_down_efd, group_sizes_e,
+                        tiling=tiling)  # [P,D]
+
+
 def _loop(x_td, idx_tk, weight_tk, w: ExpertWeights, block: int):
   """Backend "blocked", strategy "loop": layout, then the fused loop."""
   lay = layout_lib.blocked_layout(idx_tk, w.w_gate_edf.shape[0], block)
@@ -105,6 +125,9 @@ def _permuted(x_td, idx_tk, weight_tk, w: ExpertWeights, block: int, backend: st
     w_g = block_batched.per_block(w, block_batched.block_experts(lay.block_end_e,
                                                                  x_grd.shape[0]))
     y_pd = block_batched.block_swiglu(x_grd, w_g).reshape(x_pd.shape)  # [P,D]
+  elif backend == "pallas":  # experts' rows padded to whole blocks = kernel row tiles
+    blocks_e = jnp.diff(lay.block_end_e, prepend=0)  # [E]
+    y_pd = pallas_swiglu(x_pd, blocks_e * block, w, pallas_gmm.Tiling(tm=block))  # [P,D]
   else:
     sizes_e = jnp.bincount(idx_tk.reshape(-1), length=num_experts).astype(jnp.int32)
     y_pd = ragged_swiglu(x_pd, sizes_e, w)  # [P,D]
@@ -115,17 +138,19 @@ def dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, backend: str = 
              strategy: str = "auto", block_size: int = 0) -> DispatchResult:
   """y_td = sum_k weight_tk * FFN_{idx_tk}(x_td), nothing dropped.
 
-  backend: "auto", "blocked" or "ragged_dot"; strategy ("blocked" only):
-  "auto", "loop" or "batched"; block_size ("blocked" only): rows per block,
-  0 to choose from the shape.
+  backend: "auto", "blocked", "ragged_dot" or "pallas"; strategy ("blocked"
+  only): "auto", "loop" or "batched"; block_size ("blocked", "pallas"): rows
+  per block, 0 to choose from the shape ("pallas": a power of two >= 16).
   """
   backend = resolve_backend(backend)
   if backend not in BACKENDS:
-    raise ValueError(f"config.model.moe.gmm_backend={backend!r} is not available "
-                     f"in XLA; use one of {['auto', *BACKENDS]}")
+    raise ValueError(f"config.model.moe.gmm_backend={backend!r}: no such grouped "
+                     f"matmul; use one of {['auto', *BACKENDS]}")
   w = cast(experts, x_td.dtype)
   if backend == "ragged_dot":
     y_td = _permuted(x_td, idx_tk, weight_tk, w, 1, backend)  # 1: sorted, no padding
+  elif backend == "pallas":
+    y_td = _permuted(x_td, idx_tk, weight_tk, w, block_size or PALLAS_BLOCK, backend)
   else:
     strategy = resolve_strategy(strategy)
     block = resolve_block_size(block_size, idx_tk.size, w.w_gate_edf.shape[0], strategy)

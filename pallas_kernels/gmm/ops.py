@@ -1,0 +1,137 @@
+"""Grouped matmul ops: kernel choice by lowering platform, and the custom VJP.
+
+    gmm(lhs[m,k], rhs[L,k,n], group_sizes[G], *, tiling=None, group_offset=0,
+        num_local_groups=None, preferred_element_type=None, interpret=False,
+        kernel="auto") -> out[m,n]
+    tgmm(lhs[m,k], dout[m,n], group_sizes[G], *, ...) -> drhs[L,k,n]
+
+Meaning (reference.py): rows are grouped by `group_sizes` (consecutive
+ranges); the L local groups group_offset .. group_offset + L - 1 use rhs[0..L-1];
+rows of other groups, and rows past sum(group_sizes), give 0. `group_offset`
+may be a traced int32 scalar (e.g. an expert-parallel shard's first expert);
+offset + L must not exceed G.
+
+`gmm` is differentiable in lhs and rhs (jax.custom_vjp):
+    d_lhs = gmm(dout, rhs^T)   (the same kernel, rhs read transposed)
+    d_rhs = tgmm(lhs, dout)
+
+Kernel choice (`kernel`): "auto" picks by the platform the computation is
+LOWERED for (jax.lax.platform_dependent), so `jax.export(..., platforms=
+["tpu"])` on a CPU machine emits the Mosaic kernel and platforms=["cuda"]
+the Triton one: TPU -> "mosaic", CUDA/ROCm -> "triton", anything else (CPU)
+-> the Mosaic kernel run by the Pallas interpreter (slow: tests only).
+"mosaic" / "triton" force one kernel; it is compiled on its own platform and
+interpreted elsewhere. `interpret=True` interprets on every platform.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gmm import kernel_gpu, kernel_tpu
+from pallas_kernels.gmm.tiling import Tiling
+
+KERNELS = ("auto", "mosaic", "triton")
+_IMPLS = {"mosaic": kernel_tpu, "triton": kernel_gpu}
+_NATIVE = {"mosaic": ("tpu",), "triton": ("cuda", "rocm")}
+
+
+class _Options(NamedTuple):
+  """The static arguments of one gmm / tgmm call (hashable)."""
+  tiling: Tiling
+  out_dtype: jnp.dtype | None
+  kernel: str
+  interpret: bool
+
+
+def _by_platform(opts: _Options, op: str, x, y, group_sizes, group_offset, **static):
+  """kernel_<impl>.<op>(x, y, group_sizes, group_offset=...) with the
+  implementation for the lowering platform (`static`: hashable keywords)."""
+  def call(impl: str, interpret: bool):
+    fn = getattr(_IMPLS[impl], op)
+    return lambda x, y, sizes, offset: fn(x, y, sizes, group_offset=offset,
+                                          interpret=interpret, tiling=opts.tiling, **static)
+
+  args = (x, y, group_sizes, group_offset)
+
+  if opts.kernel not in KERNELS:
+    raise ValueError(f"kernel={opts.kernel!r}: expected one of {KERNELS}")
+  if opts.interpret:
+    return call("mosaic" if opts.kernel == "auto" else opts.kernel, True)(*args)
+  if opts.kernel == "auto":
+    branches = dict(tpu=call("mosaic", False), cuda=call("triton", False),
+                    rocm=call("triton", False))
+    return jax.lax.platform_dependent(*args, default=call("mosaic", True), **branches)
+  native = {p: call(opts.kernel, False) for p in _NATIVE[opts.kernel]}
+  return jax.lax.platform_dependent(*args, default=call(opts.kernel, True), **native)
+
+
+def _check(lhs, rhs_or_dout, group_sizes, name: str):
+  if lhs.ndim != 2 or group_sizes.ndim != 1:
+    raise ValueError(f"{name}: lhs must be [m, k] and group_sizes [G]; got "
+                     f"{lhs.shape} and {group_sizes.shape}")
+  if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise ValueError(f"{name}: group_sizes must be integers; got {group_sizes.dtype}")
+  if lhs.dtype != rhs_or_dout.dtype:
+    raise ValueError(f"{name}: both operands need one dtype; got {lhs.dtype} and "
+                     f"{rhs_or_dout.dtype} (cast them first)")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _gmm(lhs, rhs, group_sizes, group_offset, opts: _Options):
+  return _by_platform(opts, "gmm", lhs, rhs, group_sizes, group_offset,
+                      preferred_element_type=opts.out_dtype)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, group_offset, opts: _Options):
+  out = _gmm(lhs, rhs, group_sizes, group_offset, opts)
+  return out, (lhs, rhs, group_sizes, group_offset)
+
+
+def _gmm_bwd(opts: _Options, res, dout):
+  lhs, rhs, group_sizes, group_offset = res
+  dout = dout.astype(lhs.dtype)
+  d_lhs = _by_platform(opts, "gmm", dout, rhs, group_sizes, group_offset,
+                       preferred_element_type=lhs.dtype, transpose_rhs=True)
+  d_rhs = _by_platform(opts, "tgmm", lhs, dout, group_sizes, group_offset,
+                       num_local_groups=rhs.shape[0], preferred_element_type=rhs.dtype)
+  return d_lhs, d_rhs, None, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def gmm(lhs, rhs, group_sizes, *, tiling: Tiling | None = None, group_offset=0,
+        num_local_groups: int | None = None, preferred_element_type=None,
+        interpret: bool = False, kernel: str = "auto"):
+  """out[m, n] = lhs rows of local group l @ rhs[l]; 0 elsewhere (module docstring)."""
+  _check(lhs, rhs, group_sizes, "gmm")
+  if rhs.ndim != 3 or rhs.shape[1] != lhs.shape[1]:
+    raise ValueError(f"gmm: rhs must be [L, k={lhs.shape[1]}, n]; got {rhs.shape}")
+  if num_local_groups not in (None, rhs.shape[0]):
+    raise ValueError(f"gmm: num_local_groups={num_local_groups} but rhs holds "
+                     f"{rhs.shape[0]} groups")
+  opts = _Options(tiling or Tiling(), preferred_element_type, kernel, interpret)
+  return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), jnp.asarray(group_offset, jnp.int32),
+              opts)
+
+
+def tgmm(lhs, dout, group_sizes, *, tiling: Tiling | None = None, group_offset=0,
+         num_local_groups: int | None = None, preferred_element_type=None,
+         interpret: bool = False, kernel: str = "auto"):
+  """drhs[L, k, n] = per local group, lhs[rows]^T @ dout[rows] (module docstring).
+
+  L = num_local_groups, or G (all groups) when None.
+  """
+  _check(lhs, dout, group_sizes, "tgmm")
+  if dout.ndim != 2 or dout.shape[0] != lhs.shape[0]:
+    raise ValueError(f"tgmm: dout must be [m={lhs.shape[0]}, n]; got {dout.shape}")
+  opts = _Options(tiling or Tiling(), preferred_element_type, kernel, interpret)
+  return _by_platform(opts, "tgmm", lhs, dout, group_sizes.astype(jnp.int32),
+                      jnp.asarray(group_offset, jnp.int32),
+                      num_local_groups=num_local_groups or group_sizes.shape[0],
+                      preferred_element_type=preferred_element_type)

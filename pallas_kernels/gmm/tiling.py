@@ -1,0 +1,167 @@
+"""Tile sizes of the grouped matmuls and their defaults per platform.
+
+A :class:`Tiling` names the tile of one kernel step; a field left None takes
+the default of the platform the kernel is lowered for:
+
+  gmm   (out[m,n] = lhs[m,k] @ rhs[g,k,n]):  tm rows x tn columns of out,
+        contracting tk at a time;
+  tgmm  (drhs[g,k,n] = lhs^T @ dout):        tk x tn of drhs, reducing over
+        the rows tm at a time.
+
+TPU (Mosaic): the defaults depend on the generation (:data:`TPU_GENERATIONS`;
+reasoning in docs/BENCHMARKS.md). tk and tn start at the full k and n, so that
+a group's weight block stays in VMEM while all of the group's row tiles
+stream past it (no refetch), and are halved (in multiples of the MXU width)
+until the double-buffered blocks fit the generation's VMEM budget. On a
+megacore chip (v4, v5p) gmm keeps at least two column tiles, for the two
+TensorCores. The generation is read from the local TPU; lowering without
+one (exporting from a CPU) uses a conservative generic entry.
+
+GPU (Triton): tile sides are powers of two >= 16 (Triton's rule); defaults
+are a common Triton matmul configuration (128 x 128, k-steps of 64 for
+16-bit inputs, 4 warps, 3 stages), not tuned on hardware (no GPU measured).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+
+class Tiling(NamedTuple):
+  """Tile sizes (None: the platform default; see the module docstring)."""
+  tm: int | None = None  # lhs rows per tile
+  tk: int | None = None  # gmm: contraction per step; tgmm: drhs rows per tile
+  tn: int | None = None  # columns of out / drhs per tile
+  num_warps: int | None = None  # GPU only
+  num_stages: int | None = None  # GPU only
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+  name: str
+  mxu: int  # MXU width: tiles are multiples of it
+  vmem: int  # VMEM bytes per TensorCore
+  megacore: bool  # two TensorCores split the grid's "parallel" dimension
+
+  @property
+  def budget(self) -> int:
+    """Bytes our double-buffered blocks may take (the rest: Mosaic's own use)."""
+    return self.vmem * 5 // 8
+
+
+MIB = 1 << 20
+TPU_GENERATIONS = {
+    "generic": TpuGeneration("generic", 128, 16 * MIB, False),  # fits every generation
+    "v4": TpuGeneration("v4", 128, 16 * MIB, True),
+    "v5e": TpuGeneration("v5e", 128, 128 * MIB, False),
+    "v5p": TpuGeneration("v5p", 128, 64 * MIB, True),
+    "v6e": TpuGeneration("v6e", 256, 128 * MIB, False),
+    "v7x": TpuGeneration("v7x", 256, 64 * MIB, False),
+}
+_DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
+                 "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e", "TPU7x": "v7x"}
+
+
+def tpu_generation() -> TpuGeneration:
+  """The local TPU's generation, or the generic entry (no TPU, or unknown)."""
+  try:
+    device = jax.devices()[0]
+  except RuntimeError:
+    return TPU_GENERATIONS["generic"]
+  if device.platform != "tpu":
+    return TPU_GENERATIONS["generic"]
+  return TPU_GENERATIONS[_DEVICE_KINDS.get(device.device_kind, "generic")]
+
+
+def _down(x: int, align: int) -> int:
+  return max(align, x // align * align)
+
+
+def _fit_rows(tm: int | None, m: int, default: int) -> int:
+  """Rows per tile: a multiple of 8 below m, or all of m."""
+  tm = tm or default
+  if tm >= m:
+    return m
+  if tm % 8:
+    raise ValueError(f"tiling.tm={tm}: TPU row tiles are multiples of 8 (or all {m} rows)")
+  return tm
+
+
+def _fit_cols(t: int | None, dim: int) -> int:
+  """A column tile: all of dim, or a multiple of 128 below it."""
+  if t is None or t >= dim:
+    return dim
+  if t % 128:
+    raise ValueError(f"tiling: TPU column tiles are multiples of 128 (or all {dim}); got {t}")
+  return t
+
+
+def tpu_gmm_tiles(tiling: Tiling, m: int, k: int, n: int, in_bytes: int, out_bytes: int):
+  """(tm, tk, tn, vmem_limit_bytes) of the TPU gmm."""
+  gen = tpu_generation()
+  tm = _fit_rows(tiling.tm, m, gen.mxu)
+  tk, tn = _fit_cols(tiling.tk, k), _fit_cols(tiling.tn, n)
+
+  def need(tk, tn):
+    return 2 * (tm * tk + tk * tn) * in_bytes + 2 * tm * tn * out_bytes + 4 * tm * tn
+
+  if tiling.tn is None and gen.megacore and n >= 2 * gen.mxu:
+    tn = _down(-(-n // 2) + gen.mxu - 1, gen.mxu)  # two column tiles, one per core
+  while need(tk, tn) > gen.budget:
+    if tiling.tn is None and tn > gen.mxu:
+      tn = _down(tn // 2, gen.mxu)
+    elif tiling.tk is None and tk > gen.mxu:
+      tk = _down(tk // 2, gen.mxu)
+    else:
+      break
+  return tm, tk, tn, _vmem_limit(need(tk, tn), gen)
+
+
+def tpu_tgmm_tiles(tiling: Tiling, m: int, k: int, n: int, in_bytes: int, out_bytes: int):
+  """(tm, tk, tn, vmem_limit_bytes) of the TPU tgmm."""
+  gen = tpu_generation()
+  tm = _fit_rows(tiling.tm, m, gen.mxu)
+  tk, tn = _fit_cols(tiling.tk, k), _fit_cols(tiling.tn, n)
+
+  def need(tk, tn):
+    return 2 * (tm * tk + tm * tn) * in_bytes + 2 * tk * tn * out_bytes + 4 * tk * tn
+
+  while need(tk, tn) > gen.budget:
+    if tiling.tk is None and tk >= tn and tk > gen.mxu:
+      tk = _down(tk // 2, gen.mxu)
+    elif tiling.tn is None and tn > gen.mxu:
+      tn = _down(tn // 2, gen.mxu)
+    elif tiling.tk is None and tk > gen.mxu:
+      tk = _down(tk // 2, gen.mxu)
+    else:
+      break
+  return tm, tk, tn, _vmem_limit(need(tk, tn), gen)
+
+
+def _vmem_limit(need: int, gen: TpuGeneration) -> int:
+  """Scoped VMEM to ask Mosaic for: our blocks plus room for its own scratch."""
+  return int(min(gen.vmem * 7 // 8, max(need + need // 4, 8 * MIB)))
+
+
+def _pow2(t: int, dim: int) -> int:
+  """A Triton block side: a power of two >= 16, no larger than needed for dim."""
+  t = min(t, max(16, int(2 ** np.ceil(np.log2(max(dim, 1))))))
+  if t < 16 or t & (t - 1):
+    raise ValueError(f"tiling: GPU (Triton) tiles are powers of two >= 16; got {t}")
+  return t
+
+
+def gpu_tiles(tiling: Tiling, m: int, k: int, n: int, in_bytes: int, transposed: bool = False):
+  """(tm, tk, tn, num_warps, num_stages) of a Triton kernel.
+
+  `transposed`: tgmm, whose output tile is tk x tn and which steps over rows.
+  """
+  small_k = 64 if in_bytes <= 2 else 32
+  tm = _pow2(tiling.tm or (64 if transposed else 128), m)
+  tk = _pow2(tiling.tk or (128 if transposed else small_k), k)
+  tn = _pow2(tiling.tn or 128, n)
+  return tm, tk, tn, tiling.num_warps or 4, tiling.num_stages or 3
