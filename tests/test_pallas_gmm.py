@@ -62,35 +62,51 @@ def test_reference_matches_numpy_loop():
   np.testing.assert_allclose(reference.tgmm(lhs, dout, sizes), drhs, rtol=1e-5, atol=1e-5)
 
 
+def fwd_bwd(fn, lhs, rhs, dout):
+  """(out, d_lhs, d_rhs) of fn(lhs, rhs) with cotangent dout, in one jit."""
+  def run(a, b, d):
+    out, vjp = jax.vjp(fn, a, b)
+    return (out, *vjp(d))
+  return jax.jit(run)(lhs, rhs, dout)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("sizes", list(SIZES), ids=list(SIZES))
 @pytest.mark.parametrize("kernel", ["mosaic", "triton"])
 def test_forward_and_gradients_match_reference(kernel, sizes, dtype):
   lhs, rhs, group_sizes, dout = case(SIZES[sizes], dtype)
   tiling = TILINGS[kernel]
-
-  def run(fn):
-    return jax.jit(lambda a, b: jax.vjp(fn, a, b))(lhs, rhs)
-
-  out, vjp = run(lambda a, b: gmm(a, b, group_sizes, tiling=tiling, kernel=kernel))
-  ref, ref_vjp = run(lambda a, b: reference.gmm(a, b, group_sizes))
-  assert out.dtype == dtype
-  assert_close(out, ref, dtype)
-  (d_lhs, d_rhs), (ref_d_lhs, ref_d_rhs) = vjp(dout), ref_vjp(dout)
-  assert d_lhs.dtype == d_rhs.dtype == dtype
-  assert_close(d_lhs, ref_d_lhs, dtype)
-  assert_close(d_rhs, ref_d_rhs, dtype)
-  # tgmm on its own, and rows outside every group (past the last) are exactly 0.
-  assert_close(tgmm(lhs, dout, group_sizes, tiling=tiling, kernel=kernel),
-               reference.tgmm(lhs, dout, group_sizes), dtype)
-  np.testing.assert_array_equal(np.asarray(out[int(sum(SIZES[sizes])):], np.float32), 0.0)
+  got = fwd_bwd(lambda a, b: gmm(a, b, group_sizes, tiling=tiling, kernel=kernel),
+                lhs, rhs, dout)
+  want = fwd_bwd(lambda a, b: reference.gmm(a, b, group_sizes), lhs, rhs, dout)
+  assert all(x.dtype == dtype for x in got)
+  for g, w in zip(got, want):  # out, d_lhs (gmm, rhs transposed), d_rhs (tgmm)
+    assert_close(g, w, dtype)
+  # Rows outside every group (past the last) are exactly 0.
+  np.testing.assert_array_equal(np.asarray(got[0][int(sum(SIZES[sizes])):], np.float32), 0.0)
 
 
 @pytest.mark.parametrize("kernel", ["mosaic", "triton"])
-def test_tiles_not_dividing_k_and_n(kernel):
-  """k and n not multiples of the tiles: the ragged last k step is masked."""
-  m, k, n = 40, 200, 300  # TPU tiles 128 wide (200 = 128 + 72), GPU 64 / 128
-  lhs, rhs, sizes, dout = case([9, 0, 31], jnp.float32, seed=1, m=m, k=k, n=n)
+def test_transposed_rhs_and_tgmm_alone(kernel):
+  """gmm with rhs stored [G, n, k] (its VJP: d_rhs = tgmm(dout, lhs)); tgmm called directly."""
+  lhs, rhs, group_sizes, dout = case(SIZES["ragged"], jnp.float32, seed=3)
+  tiling = TILINGS[kernel]
+  got = fwd_bwd(lambda a, b: gmm(a, b, group_sizes, tiling=tiling, kernel=kernel,
+                                 transpose_rhs=True), lhs, jnp.swapaxes(rhs, 1, 2), dout)
+  want = fwd_bwd(lambda a, b: reference.gmm(a, b, group_sizes), lhs, rhs, dout)
+  assert_close(got[0], want[0], jnp.float32)
+  assert_close(got[1], want[1], jnp.float32)
+  assert_close(got[2], jnp.swapaxes(want[2], 1, 2), jnp.float32)
+  drhs = jax.jit(lambda a, d: tgmm(a, d, group_sizes, tiling=tiling, kernel=kernel))(lhs, dout)
+  assert_close(drhs, reference.tgmm(lhs, dout, group_sizes), jnp.float32)
+
+
+@pytest.mark.parametrize("m,k,n", [(40, 200, 300), (64, 256, 256)], ids=["ragged", "exact"])
+@pytest.mark.parametrize("kernel", ["mosaic", "triton"])
+def test_tile_edges_in_k_and_n(kernel, m, k, n):
+  """Several k and n tiles; "ragged": the last ones partial (the last k step is
+  masked), "exact": every tile full (no masks are emitted)."""
+  lhs, rhs, sizes, dout = case([9, 0, m - 9 - 3], jnp.float32, seed=1, m=m, k=k, n=n)
   tiling = Tiling(tm=16, tk=128, tn=128) if kernel == "mosaic" else Tiling(tm=16, tk=64)
 
   def f(a, b):

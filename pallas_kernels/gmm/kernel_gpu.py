@@ -34,30 +34,47 @@ def _whole(shape):
   return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
+def _mask(rows_ok, cols_ok, shape):
+  """The [r, c] load/store mask from optional row and column masks (None: all in)."""
+  parts = [x for x in (None if rows_ok is None else rows_ok[:, None],
+                       None if cols_ok is None else cols_ok[None, :]) if x is not None]
+  if not parts:
+    return None
+  return jnp.broadcast_to(parts[0] & parts[1] if len(parts) == 2 else parts[0], shape)
+
+
+def _inside(start, size: int, bound: int):
+  """Mask of start + [0, size) < bound, or None when every tile fits (static)."""
+  if bound % size == 0:
+    return None
+  return start + jnp.arange(size, dtype=jnp.int32) < bound
+
+
 def _gmm_kernel(first_ref, count_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_ref, *,
                 tm: int, tk: int, tn: int, transpose_rhs: bool):
   ni, ti = pl.program_id(0), pl.program_id(1)
   (m, k), n = lhs_ref.shape, out_ref.shape[1]
   rows = ti * tm + jnp.arange(tm, dtype=jnp.int32)
-  cols = ni * tn + jnp.arange(tn, dtype=jnp.int32)
+  cols_ok = _inside(ni * tn, tn, n)
   row_block, col_block = pl.ds(ti * tm, tm), pl.ds(ni * tn, tn)
 
   def group_step(c, acc):
     g = first_ref[ti] + c
-    mine = (rows >= start_ref[g]) & (rows < end_ref[g])  # [tm]
+    mine = (rows >= start_ref[g]) & (rows < end_ref[g])  # [tm]: this group's rows
 
     def k_step(kb, acc):
-      ks = kb * tk + jnp.arange(tk, dtype=jnp.int32)
-      k_block = pl.ds(kb * tk, tk)
-      x = plgpu.load(lhs_ref.at[row_block, k_block], mask=mine[:, None] & (ks < k)[None, :],
-                     other=0.0)
+      ks_ok, k_block = _inside(kb * tk, tk, k), pl.ds(kb * tk, tk)
+      x = plgpu.load(lhs_ref.at[row_block, k_block], mask=_mask(mine, ks_ok, (tm, tk)),
+                     other=0.0)  # [tm, tk]; other groups' rows read as 0
       if transpose_rhs:  # rhs[g] is [n, k]
-        w = plgpu.load(rhs_ref.at[g, col_block, k_block],
-                       mask=(cols < n)[:, None] & (ks < k)[None, :], other=0.0)
+        w_mask = _mask(cols_ok, ks_ok, (tn, tk))
+        w = plgpu.load(rhs_ref.at[g, col_block, k_block], mask=w_mask,
+                       other=None if w_mask is None else 0.0)
         dims = (((1,), (1,)), ((), ()))
       else:
-        w = plgpu.load(rhs_ref.at[g, k_block, col_block],
-                       mask=(ks < k)[:, None] & (cols < n)[None, :], other=0.0)
+        w_mask = _mask(ks_ok, cols_ok, (tk, tn))
+        w = plgpu.load(rhs_ref.at[g, k_block, col_block], mask=w_mask,
+                       other=None if w_mask is None else 0.0)
         dims = (((1,), (0,)), ((), ()))
       return acc + jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
 
@@ -65,7 +82,7 @@ def _gmm_kernel(first_ref, count_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_
 
   acc = jax.lax.fori_loop(0, count_ref[ti], group_step, jnp.zeros((tm, tn), jnp.float32))
   plgpu.store(out_ref.at[row_block, col_block], acc.astype(out_ref.dtype),
-              mask=(rows < m)[:, None] & (cols < n)[None, :])
+              mask=_mask(_inside(ti * tm, tm, m), cols_ok, (tm, tn)))
 
 
 def gmm(lhs, rhs, group_sizes, *, group_offset=0, tiling: Tiling = Tiling(),
@@ -93,18 +110,16 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, tiling: Tiling = Tiling(),
 def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, tm: int, tk: int, tn: int):
   ki, ni, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   k, n = lhs_ref.shape[1], dout_ref.shape[1]
-  ks = ki * tk + jnp.arange(tk, dtype=jnp.int32)
-  cols = ni * tn + jnp.arange(tn, dtype=jnp.int32)
+  ks_ok, cols_ok = _inside(ki * tk, tk, k), _inside(ni * tn, tn, n)
   k_block, col_block = pl.ds(ki * tk, tk), pl.ds(ni * tn, tn)
   start, end = start_ref[g], end_ref[g]
 
   def row_step(r, acc):
-    rows = start + r * tm + jnp.arange(tm, dtype=jnp.int32)
-    mine = rows < end
+    mine = start + r * tm + jnp.arange(tm, dtype=jnp.int32) < end  # [tm]
     row_block = pl.ds(start + r * tm, tm)
-    x = plgpu.load(lhs_ref.at[row_block, k_block], mask=mine[:, None] & (ks < k)[None, :],
+    x = plgpu.load(lhs_ref.at[row_block, k_block], mask=_mask(mine, ks_ok, (tm, tk)),
                    other=0.0)  # [tm, tk]
-    d = plgpu.load(dout_ref.at[row_block, col_block], mask=mine[:, None] & (cols < n)[None, :],
+    d = plgpu.load(dout_ref.at[row_block, col_block], mask=_mask(mine, cols_ok, (tm, tn)),
                    other=0.0)  # [tm, tn]
     return acc + jax.lax.dot_general(x, d, (((0,), (0,)), ((), ())),
                                      preferred_element_type=jnp.float32)
@@ -112,7 +127,7 @@ def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, tm: int, tk:
   acc = jax.lax.fori_loop(0, pl.cdiv(end - start, tm), row_step,
                           jnp.zeros((tk, tn), jnp.float32))
   plgpu.store(out_ref.at[g, k_block, col_block], acc.astype(out_ref.dtype),
-              mask=(ks < k)[:, None] & (cols < n)[None, :])
+              mask=_mask(ks_ok, cols_ok, (tk, tn)))
 
 
 def tgmm(lhs, dout, group_sizes, *, group_offset=0, num_local_groups: int,

@@ -1,8 +1,8 @@
 """Grouped matmul ops: kernel choice by lowering platform, and the custom VJP.
 
     gmm(lhs[m,k], rhs[L,k,n], group_sizes[G], *, tiling=None, group_offset=0,
-        num_local_groups=None, preferred_element_type=None, interpret=False,
-        kernel="auto") -> out[m,n]
+        num_local_groups=None, preferred_element_type=None, transpose_rhs=False,
+        interpret=False, kernel="auto") -> out[m,n]       (rhs [L,n,k] if transposed)
     tgmm(lhs[m,k], dout[m,n], group_sizes[G], *, ...) -> drhs[L,k,n]
 
 Meaning (reference.py): rows are grouped by `group_sizes` (consecutive
@@ -13,7 +13,7 @@ offset + L must not exceed G.
 
 `gmm` is differentiable in lhs and rhs (jax.custom_vjp):
     d_lhs = gmm(dout, rhs^T)   (the same kernel, rhs read transposed)
-    d_rhs = tgmm(lhs, dout)
+    d_rhs = tgmm(lhs, dout)    (with transpose_rhs: d_rhs = tgmm(dout, lhs))
 
 Kernel choice (`kernel`): "auto" picks by the platform the computation is
 LOWERED for (jax.lax.platform_dependent), so `jax.export(..., platforms=
@@ -46,6 +46,7 @@ class _Options(NamedTuple):
   out_dtype: jnp.dtype | None
   kernel: str
   interpret: bool
+  transpose_rhs: bool = False
 
 
 def _by_platform(opts: _Options, op: str, x, y, group_sizes, group_offset, **static):
@@ -84,7 +85,7 @@ def _check(lhs, rhs_or_dout, group_sizes, name: str):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _gmm(lhs, rhs, group_sizes, group_offset, opts: _Options):
   return _by_platform(opts, "gmm", lhs, rhs, group_sizes, group_offset,
-                      preferred_element_type=opts.out_dtype)
+                      preferred_element_type=opts.out_dtype, transpose_rhs=opts.transpose_rhs)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, group_offset, opts: _Options):
@@ -96,8 +97,9 @@ def _gmm_bwd(opts: _Options, res, dout):
   lhs, rhs, group_sizes, group_offset = res
   dout = dout.astype(lhs.dtype)
   d_lhs = _by_platform(opts, "gmm", dout, rhs, group_sizes, group_offset,
-                       preferred_element_type=lhs.dtype, transpose_rhs=True)
-  d_rhs = _by_platform(opts, "tgmm", lhs, dout, group_sizes, group_offset,
+                       preferred_element_type=lhs.dtype, transpose_rhs=not opts.transpose_rhs)
+  a, b = (dout, lhs) if opts.transpose_rhs else (lhs, dout)  # d_rhs[l] = a[rows]^T b[rows]
+  d_rhs = _by_platform(opts, "tgmm", a, b, group_sizes, group_offset,
                        num_local_groups=rhs.shape[0], preferred_element_type=rhs.dtype)
   return d_lhs, d_rhs, None, None
 
@@ -107,15 +109,18 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 def gmm(lhs, rhs, group_sizes, *, tiling: Tiling | None = None, group_offset=0,
         num_local_groups: int | None = None, preferred_element_type=None,
-        interpret: bool = False, kernel: str = "auto"):
-  """out[m, n] = lhs rows of local group l @ rhs[l]; 0 elsewhere (module docstring)."""
+        transpose_rhs: bool = False, interpret: bool = False, kernel: str = "auto"):
+  """out[m, n] = lhs rows of local group l @ rhs[l] (rhs[l]^T if `transpose_rhs`);
+  0 elsewhere (module docstring)."""
   _check(lhs, rhs, group_sizes, "gmm")
-  if rhs.ndim != 3 or rhs.shape[1] != lhs.shape[1]:
-    raise ValueError(f"gmm: rhs must be [L, k={lhs.shape[1]}, n]; got {rhs.shape}")
+  k_axis = 2 if transpose_rhs else 1
+  if rhs.ndim != 3 or rhs.shape[k_axis] != lhs.shape[1]:
+    raise ValueError(f"gmm: rhs must be [L, {'n, k' if transpose_rhs else 'k, n'}] with "
+                     f"k={lhs.shape[1]}; got {rhs.shape}")
   if num_local_groups not in (None, rhs.shape[0]):
     raise ValueError(f"gmm: num_local_groups={num_local_groups} but rhs holds "
                      f"{rhs.shape[0]} groups")
-  opts = _Options(tiling or Tiling(), preferred_element_type, kernel, interpret)
+  opts = _Options(tiling or Tiling(), preferred_element_type, kernel, interpret, transpose_rhs)
   return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), jnp.asarray(group_offset, jnp.int32),
               opts)
 
