@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# All GPU checks of one device session, in one call (see docs/BENCHMARKS.md):
-#   1. the model / dispatch tests under the GPU machine's JAX (0.11.x, CUDA);
-#   2. the MoE dispatch benchmark on the GPU: default shape in float32 and
-#      bfloat16, and one DeepSeekMoE-16B-sized layer in bfloat16.
-# Usage (repo root, on a machine with a GPU): bash scripts/gpu_checks.sh [OUTDIR]
+# All GPU checks of one device session (see docs/BENCHMARKS.md). Sections:
+#   dispatch  the model / dispatch tests under the GPU machine's JAX (0.11.x,
+#             CUDA), then the MoE dispatch benchmark (default shape in float32
+#             and bfloat16, one DeepSeekMoE-16B-sized layer in bfloat16); ~10 min;
+#   kernels   the Pallas kernel tests (Triton kernels compiled on the GPU, the
+#             Mosaic ones interpreted), then scripts/bench_kernels.py at the 16B
+#             and 2B shapes in bfloat16; ~5 min;
+#   all       both (too long for one 10-minute device command: run them apart).
+# Usage (repo root, on a machine with a GPU): bash scripts/gpu_checks.sh [OUTDIR] [SECTION]
 # ml_collections is carried as a wheel in .whl/ where the machine lacks it.
 set -u
 out=${1:-${OUT:-/tmp/gpu_checks}}
+section=${2:-all}
 mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -16,16 +21,36 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 
-echo "== tests (model, router, losses, dispatch) on the GPU"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_router.py tests/test_losses.py \
-  tests/test_moe.py tests/test_model.py tests/test_dispatch.py 2>&1 | tail -15
+dispatch_checks() {
+  echo "== tests (model, router, losses, dispatch) on the GPU"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_router.py tests/test_losses.py \
+    tests/test_moe.py tests/test_model.py tests/test_dispatch.py 2>&1 | tail -15
 
-echo "== bench: default shape, float32"
-timeout 120 python3 scripts/bench_moe.py --reps 30 --slow-reps 5 --other-strategy --json "$out/moe_f32.json" 2>&1 | tail -14
-echo "== bench: default shape, bfloat16"
-timeout 120 python3 scripts/bench_moe.py --reps 30 --slow-reps 5 --other-strategy --dtype bfloat16 --json "$out/moe_bf16.json" 2>&1 | tail -14
-echo "== bench: 16B layer (16384 tokens, d 2048, 64 experts of 1408, top-6), bfloat16"
-timeout 150 python3 scripts/bench_moe.py --tokens 16384 --d-model 2048 --experts 64 \
-  --expert-hidden 1408 --top-k 6 --dtype bfloat16 --other-strategy --reps 20 --slow-reps 3 \
-  --only flat_expert_ffn,capacity,capacity_loop,dropless_blocked,dropless_blocked_loop,dropless_ragged_dot,naive_ragged_dot \
-  --json "$out/moe_16b_bf16.json" 2>&1 | tail -14
+  echo "== bench: default shape, float32"
+  timeout 120 python3 scripts/bench_moe.py --reps 30 --slow-reps 5 --other-strategy --json "$out/moe_f32.json" 2>&1 | tail -14
+  echo "== bench: default shape, bfloat16"
+  timeout 120 python3 scripts/bench_moe.py --reps 30 --slow-reps 5 --other-strategy --dtype bfloat16 --json "$out/moe_bf16.json" 2>&1 | tail -14
+  echo "== bench: 16B layer (16384 tokens, d 2048, 64 experts of 1408, top-6), bfloat16"
+  timeout 150 python3 scripts/bench_moe.py --tokens 16384 --d-model 2048 --experts 64 \
+    --expert-hidden 1408 --top-k 6 --dtype bfloat16 --other-strategy --reps 20 --slow-reps 3 \
+    --only flat_expert_ffn,capacity,capacity_loop,dropless_blocked,dropless_blocked_loop,dropless_ragged_dot,naive_ragged_dot \
+    --json "$out/moe_16b_bf16.json" 2>&1 | tail -14
+}
+
+kernel_checks() {
+  echo "== Pallas kernel tests on the GPU (gmm kernels, MoE block vs dense, lowering)"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_gmm.py \
+    tests/test_pallas_export.py "tests/test_moe.py::test_dropless_equals_dense_forward_and_gradients" \
+    -k "not bench_kernels" 2>&1 | tail -15
+  echo "== bench_kernels: 16B shape (16384 tokens x top-6, d 2048, 64 experts of 1408), bfloat16"
+  timeout 150 python3 scripts/bench_kernels.py --shape 16b --reps 20 --json "$out/kernels_16b.json" 2>&1 | tail -24
+  echo "== bench_kernels: 2B shape (16384 tokens x top-7, d 1280, 63 experts of 880), bfloat16"
+  timeout 90 python3 scripts/bench_kernels.py --shape 2b --reps 20 --json "$out/kernels_2b.json" 2>&1 | tail -24
+}
+
+case "$section" in
+  dispatch) dispatch_checks ;;
+  kernels) kernel_checks ;;
+  all) dispatch_checks; kernel_checks ;;
+  *) echo "unknown section '$section': use dispatch, kernels or all" >&2; exit 2 ;;
+esac

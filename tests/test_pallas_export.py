@@ -7,14 +7,20 @@ tokens) is exported forward + backward for platforms ("tpu",) and ("cuda",)
 from ShapeDtypeStructs: tracing and lowering only, nothing is allocated. The
 export runs the Pallas -> Mosaic and Pallas -> Triton lowerings, which reject
 illegal block shapes and unsupported operations that the interpreter accepts;
-the Mosaic and Triton compilers themselves run only on the device.
+the Mosaic and Triton compilers themselves run only on the device. Also: the
+kernel benchmark script runs where the GPU machine would run it.
 """
 
 import contextlib
+import json
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -81,3 +87,24 @@ def test_xla_backend_exports_no_kernel():
   """The oracle of the test above can fail: without "pallas" no kernel appears."""
   text = export_moe_fwd_bwd("tpu", backend="ragged_dot", tokens=2048)
   assert "dsmoe_gmm" not in text and "tpu_custom_call" not in text
+
+
+@pytest.mark.slow  # ~15 s of CPU: compiles every case in the Pallas interpreter
+def test_bench_kernels_runs_without_config_and_data_libraries(tmp_path):
+  """scripts/bench_kernels.py (run on a GPU machine that lacks ml_collections,
+  grain and TFDS) at the tiny shape, with those libraries made unimportable."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  code = ("import runpy, sys\n"
+          "for name in ('ml_collections', 'grain', 'tensorflow_datasets'):\n"
+          "  sys.modules[name] = None\n"
+          f"sys.argv = ['bench_kernels.py', '--shape', 'tiny', '--reps', '1', '--block', '16',"
+          f" '--json', {str(tmp_path / 'k.json')!r}]\n"
+          f"runpy.run_path({str(root / 'scripts' / 'bench_kernels.py')!r}, run_name='__main__')\n")
+  done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  rows = json.loads((tmp_path / "k.json").read_text())["rows"]
+  assert {(r["op"], r["impl"]) for r in rows if r["part"] == "kernel"} == {
+      (op, impl) for op in ("fwd", "d_lhs", "d_rhs") for impl in ("pallas", "ragged_dot", "dense")}
+  assert len([r for r in rows if r["part"] == "layer"]) == 4
+  assert all(np.isfinite(r["ms"]) for r in rows), rows

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.gmm import Tiling, gmm, metadata, reference, tgmm
+from pallas_kernels.gmm import tiling as tiling_lib
 
 M, K, N = 50, 24, 40
 # Group sizes (G=5) with M=50 rows: ragged with an empty group and rows past
@@ -190,3 +191,23 @@ def test_visit_schedule_covers_every_tile_and_group(seed):
     if b > a:
       assert t * tm <= a < b <= t * tm + tm
       assert (ends - sizes)[offset + l] <= a and b <= ends[offset + l]
+
+
+@pytest.mark.parametrize("gen", sorted(tiling_lib.TPU_GENERATIONS))
+def test_tpu_default_tiles_fit_each_generation(gen, monkeypatch):
+  """At the 16B expert shape (bf16): blocks within the generation's VMEM, tiles
+  legal for Mosaic (multiples of 128 or the whole dimension), and on a megacore
+  chip two tiles along the dimension the two TensorCores split."""
+  info = tiling_lib.TPU_GENERATIONS[gen]
+  monkeypatch.setattr(tiling_lib, "tpu_generation", lambda: info)
+  m, d, f = 106496, 2048, 1408
+  for kind, (mm, k, n) in [("gmm", (m, d, f)), ("gmm", (m, f, d)), ("tgmm", (m, d, f))]:
+    fn = tiling_lib.tpu_gmm_tiles if kind == "gmm" else tiling_lib.tpu_tgmm_tiles
+    tm, tk, tn, vmem = fn(Tiling(tm=128), mm, k, n, 2, 2)
+    assert tm == 128 and vmem <= info.vmem * 7 // 8
+    for tile, dim in ((tk, k), (tn, n)):
+      assert tile == dim or tile % 128 == 0
+    if info.megacore:
+      assert (n if kind == "gmm" else k) > (tn if kind == "gmm" else tk)
+    if info.vmem >= 64 * tiling_lib.MIB:  # room for whole weight blocks
+      assert (tk, tn) == (k, n) or info.megacore

@@ -13,8 +13,8 @@ reasoning in docs/BENCHMARKS.md). tk and tn start at the full k and n, so that
 a group's weight block stays in VMEM while all of the group's row tiles
 stream past it (no refetch), and are halved (in multiples of the MXU width)
 until the double-buffered blocks fit the generation's VMEM budget. On a
-megacore chip (v4, v5p) gmm keeps at least two column tiles, for the two
-TensorCores. The generation is read from the local TPU; lowering without
+megacore chip (v4, v5p) gmm keeps at least two column tiles and tgmm two row
+tiles of drhs, one for each TensorCore. The generation is read from the local TPU; lowering without
 one (exporting from a CPU) uses a conservative generic entry.
 
 GPU (Triton): tile sides are powers of two >= 16 (Triton's rule); defaults
@@ -130,6 +130,8 @@ def tpu_tgmm_tiles(tiling: Tiling, m: int, k: int, n: int, in_bytes: int, out_by
   def need(tk, tn):
     return 2 * (tm * tk + tm * tn) * in_bytes + 2 * tk * tn * out_bytes + 4 * tk * tn
 
+  if tiling.tk is None and gen.megacore and k >= 2 * gen.mxu:
+    tk = _down(-(-k // 2) + gen.mxu - 1, gen.mxu)  # two row tiles of drhs, one per core
   while need(tk, tn) > gen.budget:
     if tiling.tk is None and tk >= tn and tk > gen.mxu:
       tk = _down(tk // 2, gen.mxu)
