@@ -3,9 +3,10 @@
 #   dispatch  the model / dispatch tests under the GPU machine's JAX (0.11.x,
 #             CUDA), then the MoE dispatch benchmark (default shape in float32
 #             and bfloat16, one DeepSeekMoE-16B-sized layer in bfloat16); ~10 min;
-#   kernels   the Pallas kernel tests (Triton kernels compiled on the GPU, the
-#             Mosaic ones interpreted), then scripts/bench_kernels.py at the 16B
-#             and 2B shapes in bfloat16; ~5 min;
+#   kernels   the Pallas kernel tests (Triton kernels compiled on the GPU;
+#             the TPU kernels only through their lowering tests), then scripts/bench_kernels.py (gmm,
+#             permute / unpermute, the routed layer) at the 16B and 2B shapes
+#             in bfloat16; ~5 min;
 #   all       both (too long for one 10-minute device command: run them apart).
 # Usage (repo root, on a machine with a GPU): bash scripts/gpu_checks.sh [OUTDIR] [SECTION]
 # ml_collections is carried as a wheel in .whl/ where the machine lacks it.
@@ -38,14 +39,15 @@ dispatch_checks() {
 }
 
 kernel_checks() {
-  echo "== Pallas kernel tests on the GPU (gmm kernels, MoE block vs dense, lowering)"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_gmm.py \
-    tests/test_pallas_export.py "tests/test_moe.py::test_dropless_equals_dense_forward_and_gradients" \
-    -k "not bench_kernels" 2>&1 | tail -15
+  echo "== Pallas kernel tests on the GPU (Triton kernels compiled; the interpreted Mosaic cases skipped)"
+  timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_gmm.py \
+    tests/test_pallas_permute.py tests/test_pallas_export.py \
+    "tests/test_moe.py::test_dropless_equals_dense_forward_and_gradients" \
+    -k "not mosaic and not bench_kernels" 2>&1 | tail -15
   echo "== bench_kernels: 16B shape (16384 tokens x top-6, d 2048, 64 experts of 1408), bfloat16"
-  timeout 150 python3 scripts/bench_kernels.py --shape 16b --reps 20 --json "$out/kernels_16b.json" 2>&1 | tail -24
+  timeout 150 python3 scripts/bench_kernels.py --shape 16b --reps 20 --json "$out/kernels_16b.json" 2>&1 | tail -32
   echo "== bench_kernels: 2B shape (16384 tokens x top-7, d 1280, 63 experts of 880), bfloat16"
-  timeout 90 python3 scripts/bench_kernels.py --shape 2b --reps 20 --json "$out/kernels_2b.json" 2>&1 | tail -24
+  timeout 90 python3 scripts/bench_kernels.py --shape 2b --reps 20 --json "$out/kernels_2b.json" 2>&1 | tail -32
 }
 
 case "$section" in
