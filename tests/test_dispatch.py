@@ -157,11 +157,13 @@ def test_capacity_factor_zero_drops_nothing():
   assert_same(eval_res.y_td, ref.y_td)
 
 
-@pytest.mark.parametrize("backend,uses_ragged_dot", [("ragged_dot", True), ("blocked", False)])
-def test_capacity_factor_zero_honours_gmm_backend(backend, uses_ragged_dot):
+@pytest.mark.parametrize("backend,marker", [("ragged_dot", "ragged_dot"), ("blocked", None),
+                                            ("pallas", "pallas_call")])
+def test_capacity_factor_zero_honours_gmm_backend(backend, marker):
   x, idx, weight, experts = make_case(1, 16, 4, 2)
   jaxpr = str(jax.make_jaxpr(routed_fn("capacity", 0.0, backend))(x, idx, weight, experts))
-  assert ("ragged_dot" in jaxpr) == uses_ragged_dot
+  for op in ("ragged_dot", "pallas_call"):
+    assert (op in jaxpr) == (op == marker)
 
 
 @pytest.mark.parametrize("block_size", [8, 32])
