@@ -100,6 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.num_threads = 2  # grain threads reading + tokenizing documents
   d.prefetch_docs = 64  # documents read ahead
   d.prefetch_batches = 0  # batches prepared ahead in a thread (0: none)
+  d.eval_tokens = 65_536  # scored tokens of the fixed evaluation set (validation split)
+  d.eval_doc_tokens = 8192  # at most this many of them from one document
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 300
@@ -119,7 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.skip_nonfinite = False  # True: skip non-finite updates (counted); False: stop
   t.peak_flops = 0.0  # peak FLOP/s per device for MFU; 0: measure a matmul
   t.eval_every = 0  # evaluate every N steps (0: only at the end)
-  t.eval_batches = 4  # validation batches per evaluation
+  t.eval_batches = 4  # batches of the fixed evaluation set scored during training
+  t.eval_full_at_end = False  # True: the final evaluation scores the whole set
 
   c.mesh = mesh = ml_collections.ConfigDict()  # device mesh (docs/TRAINING.md)
   mesh.data = -1  # data-parallel devices; -1: all of them
@@ -325,7 +328,7 @@ def validate_mesh(mesh: ml_collections.ConfigDict, batch_size: int) -> None:
 def validate_data(d: ml_collections.ConfigDict) -> None:
   """Rules of the `config.data` block (owned by dsmoe.data)."""
   for k in ("seq_len", "vocab_size", "tokenizer_sample_bytes", "num_threads",
-            "prefetch_docs"):
+            "prefetch_docs", "eval_tokens", "eval_doc_tokens"):
     if not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < 1:
       _fail(f"data.{k}", "must be an integer >= 1", d[k])
   if not isinstance(d.prefetch_batches, int) or d.prefetch_batches < 0:

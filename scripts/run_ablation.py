@@ -1,50 +1,91 @@
-"""Trains the paper's baselines and ablations (configs/ablation.py) one after
-another and prints a table of validation loss against parameters and FLOPs.
+"""Trains a grid of ablation variants x seeds, resumably, and writes the results.
 
-    python scripts/run_ablation.py --workdir runs/ablation [--steps 300] \
-        [--variants dense,hash,switch,gshard,shared,m2,deepseekmoe] [--json FILE]
+    python scripts/run_ablation.py --workdir runs/ablation \
+        --variants dense,hash,switch,gshard,shared,m2,deepseekmoe --seeds 0,1,2 \
+        [--steps 2000] [--config.train.batch_size=32 ...] [--out docs/results]
+    python scripts/run_ablation.py --collect_only --workdir runs/ablation --out docs/results
 
-Each variant trains in <workdir>/<variant> (and resumes there if re-run).
+Each run trains in <workdir>/<variant>/seed<k>. A finished run (its run.json
+exists) is skipped; an interrupted one resumes from its latest checkpoint.
+After every finished run, <out> (default: the workdir) gets results.csv,
+results.md (mean +- std over seeds, the paper's orderings checked against
+twice the seed std), loss_curves.png and loss_vs_flops.png; with --out,
+raw/<variant>/seed<k>/run.json copies of the raw results too.
+
+Variants come from --config (default: the shipped configs/ablation.py; give
+another file with the same variant names to change the base model), and
+every --config.<key>=<value> override applies to every variant, e.g. the
+paper's 2B validation scale on a pod:
+    --config.model.d_model=1280 --config.model.num_layers=9 ...
 """
 
-import json
-import pathlib
+import os
+import shutil
+import sys
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-flags.DEFINE_string("workdir", "runs/ablation", "One subfolder per variant.")
-flags.DEFINE_string("variants", "dense,hash,switch,gshard,shared,m2,deepseekmoe",
-                    "Comma-separated variants of configs/ablation.py.")
-flags.DEFINE_integer("steps", 0, "Override train.steps (0: the config's).")
-flags.DEFINE_integer("seed", 0, "train.seed.")
-flags.DEFINE_string("json", "", "Write the table as JSON here.")
+import configs
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "ablation.py")
+config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Ablation config file "
+                                "(get_config(variant)); its --config.* overrides "
+                                "apply to every variant.", lock_config=True)
+flags.DEFINE_string("workdir", None, "One subfolder per variant and seed.")
+flags.DEFINE_list("variants", "dense,hash,switch,gshard,shared,m2,deepseekmoe",
+                  "Variants of the config file.")
+flags.DEFINE_list("seeds", "0,1,2", "train.seed values.")
+flags.DEFINE_integer("steps", 0, "train.steps of every run (0: the config's).")
+flags.DEFINE_string("out", None, "Where the tables and plots go (default: --workdir).")
+flags.DEFINE_boolean("collect_only", False, "Only rewrite the tables and plots "
+                     "from the finished runs under --workdir.")
+flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
+
+
+def _collect(order):
+  from dsmoe.analysis import ablation, report
+  rows = ablation.read_rows(FLAGS.workdir)
+  if not rows:
+    print(f"no finished runs under {FLAGS.workdir}")
+    return
+  out = FLAGS.out or FLAGS.workdir
+  if FLAGS.out and os.path.abspath(FLAGS.out) != os.path.abspath(FLAGS.workdir):
+    for r in rows:
+      dst = os.path.join(out, "raw", r["variant"], f"seed{r['seed']}")
+      os.makedirs(dst, exist_ok=True)
+      src = os.path.join(FLAGS.workdir, r["variant"], f"seed{r['seed']}", ablation.RUN_FILE)
+      if os.path.exists(src):
+        shutil.copyfile(src, os.path.join(dst, ablation.RUN_FILE))
+  paths = report.write_report(rows, out, order)
+  print(f"{len(rows)} finished runs -> " + ", ".join(paths.values()), flush=True)
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  import dsmoe
-  from dsmoe.train import train_and_evaluate
-  rows = []
-  for variant in filter(None, FLAGS.variants.split(",")):
-    config = dsmoe.load("ablation", variant)
-    config.train.seed = FLAGS.seed
-    if FLAGS.steps:
-      config.train.steps = FLAGS.steps
-    counts = dsmoe.count_params(config)
-    result = train_and_evaluate(config, str(pathlib.Path(FLAGS.workdir) / variant))
-    rows.append({"variant": variant, "total_params": counts["total"],
-                 "activated_params": counts["activated"],
-                 "gflops_per_token": dsmoe.flops_per_token(config) / 1e9,
-                 "eval_loss": result["eval_loss"], "steps": config.train.steps})
-  print("\n| variant | total params | activated | GFLOPs/token | eval loss |")
-  print("|---|---:|---:|---:|---:|")
-  for r in rows:
-    print(f"| {r['variant']} | {r['total_params'] / 1e6:.2f}M | {r['activated_params'] / 1e6:.2f}M "
-          f"| {r['gflops_per_token']:.4f} | {r['eval_loss']:.4f} |")
-  if FLAGS.json:
-    pathlib.Path(FLAGS.json).write_text(json.dumps(rows, indent=1))
+  from dsmoe.analysis import ablation
+  from dsmoe.train import NonFiniteError
+  from dsmoe.train.checkpoint import CheckpointError
+  variants = [v for v in FLAGS.variants if v]
+  if FLAGS.collect_only:
+    return _collect(variants)
+  config_file = config_flags.get_config_filename(FLAGS["config"]).split(":")[0]
+  overrides = dict(config_flags.get_override_values(FLAGS["config"]))
+  if FLAGS.steps:
+    overrides["train.steps"] = FLAGS.steps
+  try:
+    seeds = [int(s) for s in FLAGS.seeds]
+    cells = ablation.grid(variants, seeds)
+    for v in variants:  # refuse an unknown variant or override before training anything
+      ablation.variant_config(config_file, v, seeds[0], overrides)
+    ablation.run_grid(cells, FLAGS.workdir, lambda c: ablation.variant_config(
+        config_file, c.variant, c.seed, overrides), after_each=lambda: _collect(variants))
+  except (NonFiniteError, CheckpointError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  _collect(variants)
 
 
 if __name__ == "__main__":

@@ -1,63 +1,132 @@
-"""Validation loss and perplexity, of a state or of a saved checkpoint."""
+"""Validation loss on the fixed evaluation set, of a state or of a checkpoint.
+
+Every evaluation scores rows of :class:`dsmoe.data.evalset.EvalSet` (the
+same tokens for every model and seed): during training its first
+`train.eval_batches` batches (a fixed subset spread over the documents), at
+the end all of it when `train.eval_full_at_end`. The loss is the mean over
+the scored tokens; its standard error treats documents as the independent
+units (:func:`dsmoe.data.evalset.mean_and_se`).
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsmoe import config as config_lib
-from dsmoe.data import make_loader
+from dsmoe.data.evalset import EvalSet, make_eval_set, mean_and_se
 from dsmoe.train import checkpoint as checkpoint_lib
 from dsmoe.train import optimizer as optimizer_lib
-from dsmoe.train import step as step_lib
 from dsmoe.train.mesh import global_batch, make_mesh
 
 
-def evaluate(config, graphdef, state, mesh, *, eval_fn=None) -> dict:
-  """Loss and perplexity over the first `train.eval_batches` validation batches.
+def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
+  """-log p(target) of every position, float32 [B, T]."""
+  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
 
-  `config` is resolved; every process reads its own rows of each global batch.
+
+def document_sums(params, rest, batch, *, graphdef, num_docs: int):
+  """(loss sum, scored tokens) per document [num_docs] of one batch (eval mode)."""
+  model = nnx.merge(graphdef, params, rest)
+  logits_btv, _ = model(batch["inputs"], batch["segment_ids"], batch["positions"],
+                        train=False)
+  mask_bt = (batch["segment_ids"] > 0).astype(jnp.float32)
+  loss_b = jnp.sum(token_nll(logits_btv, batch["targets"]) * mask_bt, axis=-1)
+  loss_d = jax.ops.segment_sum(loss_b, batch["doc"], num_segments=num_docs)
+  tokens_d = jax.ops.segment_sum(jnp.sum(mask_bt, -1), batch["doc"], num_segments=num_docs)
+  return loss_d, tokens_d
+
+
+@functools.lru_cache(maxsize=32)
+def _jit_document_sums(graphdef, num_docs: int, mesh):
+  return jax.jit(functools.partial(document_sums, graphdef=graphdef, num_docs=num_docs),
+                 out_shardings=NamedSharding(mesh, P()))  # replicated: every process reads it
+
+
+def score(graphdef, params, rest, eval_set: EvalSet, mesh, *, batch_size: int,
+          num_batches: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(loss sum, tokens) per document over the first `num_batches` batches (all: None).
+
+  `graphdef` may be another model's with the same parameters (the analyses in
+  dsmoe.analysis change the MoE this way); each graphdef is compiled once.
   """
-  eval_fn = eval_fn or step_lib.jit_eval_step(graphdef)
-  it = iter(make_loader(config, "validation"))
-  ce_sum, n = 0.0, 0.0
-  for _ in range(config.train.eval_batches):
-    out = jax.device_get(eval_fn(state["params"], state["rest"], global_batch(next(it), mesh)))
-    ce_sum, n = ce_sum + float(out["ce_sum"]), n + float(out["tokens"])
-  loss = ce_sum / max(n, 1.0)
-  return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 80.0))),
-          "eval_tokens": n}
+  fn = _jit_document_sums(graphdef, eval_set.num_docs, mesh)
+  loss_d = np.zeros(eval_set.num_docs)
+  tokens_d = np.zeros(eval_set.num_docs)
+  for batch in eval_set.batches(batch_size, num_batches, process_index=jax.process_index(),
+                                process_count=jax.process_count()):
+    out = jax.device_get(fn(params, rest, global_batch(batch, mesh)))
+    loss_d += out[0]
+    tokens_d += out[1]
+  return loss_d, tokens_d
 
 
-def evaluate_checkpoint(config, workdir: str,
-                        step: int | None = None) -> dict:
+def summary(loss_d: np.ndarray, tokens_d: np.ndarray, *, full: bool) -> dict:
+  """The logged evaluation record: loss, its standard error, perplexity, sizes."""
+  loss, se = mean_and_se(loss_d, tokens_d)
+  return {"eval_loss": loss, "eval_loss_se": se,
+          "eval_perplexity": float(np.exp(min(loss, 80.0))),
+          "eval_tokens": float(np.sum(tokens_d)), "eval_docs": int(np.sum(tokens_d > 0)),
+          "eval_full": bool(full)}
+
+
+def evaluate(config, graphdef, state, mesh, *, full: bool = False,
+             eval_set: EvalSet | None = None) -> dict:
+  """Scores `state` on the whole evaluation set (`full`) or on its first
+  `train.eval_batches` batches; `config` is resolved."""
+  eval_set = eval_set if eval_set is not None else make_eval_set(config)
+  loss_d, tokens_d = score(graphdef, state["params"], state["rest"], eval_set, mesh,
+                           batch_size=config.train.batch_size,
+                           num_batches=None if full else config.train.eval_batches)
+  return {**summary(loss_d, tokens_d, full=full), "eval_set": eval_set.fingerprint[:16]}
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
+                        full: bool | None = None) -> dict:
   """Evaluates checkpoint `step` (default: latest) of `workdir`.
 
+  `full` (default: `train.eval_full_at_end`) scores the whole evaluation set.
   Writes ``<workdir>/eval_step<N>.json`` (process 0) and returns its content.
   Raises CheckpointError when the checkpoint is missing or does not match.
   """
   config = config_lib.resolve(config)
-  workdir = os.path.abspath(workdir)
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise checkpoint_lib.CheckpointError(f"no checkpoints in {workdir}/checkpoints")
-  ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
-  tx = optimizer_lib.make_optimizer(config.train)
-  mesh = make_mesh(config.mesh)
-  try:
-    step = ckpts.latest_step() if step is None else step
-    if step is None:
-      raise checkpoint_lib.CheckpointError(f"no checkpoints in {ckpts.directory}")
-    graphdef, state, _ = checkpoint_lib.init_or_restore(config, tx, ckpts, mesh, None, step)
-  finally:
-    ckpts.close()
-  result = {"step": int(state["step"]), "checkpoint": ckpts.path(int(state["step"])),
-            **evaluate(config, graphdef, state, mesh)}
-  path = os.path.join(workdir, f"eval_step{result['step']}.json")
+  full = config.train.eval_full_at_end if full is None else full
+  graphdef, state, ckpt = restore_params(config, workdir, step)
+  result = {"step": int(state["step"]), "checkpoint": ckpt,
+            **evaluate(config, graphdef, state, make_mesh(config.mesh), full=full)}
+  path = os.path.join(os.path.abspath(workdir), f"eval_step{result['step']}.json")
   if jax.process_index() == 0:
     with open(path, "w") as f:
       json.dump(result, f, indent=1)
   result["path"] = path
   return result
+
+
+def restore_params(config, workdir: str, step: int | None = None):
+  """(graphdef, state, checkpoint path) of checkpoint `step` (default latest).
+
+  `config` is resolved. Raises CheckpointError when there is none or it does
+  not match the config.
+  """
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise checkpoint_lib.CheckpointError(f"no checkpoints in {workdir}/checkpoints")
+  ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
+  tx = optimizer_lib.make_optimizer(config.train)
+  try:
+    step = ckpts.latest_step() if step is None else step
+    if step is None:
+      raise checkpoint_lib.CheckpointError(f"no checkpoints in {ckpts.directory}")
+    graphdef, state, _ = checkpoint_lib.init_or_restore(
+        config, tx, ckpts, make_mesh(config.mesh), None, step)
+  finally:
+    ckpts.close()
+  return graphdef, state, ckpts.path(int(state["step"]))

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from dsmoe import accounting
 from dsmoe import config as config_lib
 from dsmoe.data import make_loader
+from dsmoe.data.evalset import make_eval_set
 from dsmoe.train import checkpoint as checkpoint_lib
 from dsmoe.train import metrics as metrics_lib
 from dsmoe.train import optimizer as optimizer_lib
@@ -50,6 +51,7 @@ class Run:
   writer: metrics_lib.MetricWriter
   flops_per_token: float
   interval: metrics_lib.Interval
+  eval_set: object  # dsmoe.data.evalset.EvalSet, the same for every evaluation
 
   @property
   def main(self) -> bool:
@@ -84,7 +86,6 @@ def _train(run: Run, state, data_iter, stop: StopOnSignal):
   """The step loop; returns (state, stopped_by_signal)."""
   t = run.config.train
   train_fn = step_lib.jit_train_step(run.config, run.graphdef, run.tx)
-  eval_fn = step_lib.jit_eval_step(run.graphdef)
   peak_total = (t.peak_flops or metrics_lib.measure_peak_flops()) * jax.device_count()
   start = int(state["step"])
   bar = tqdm(total=t.steps, initial=start, disable=not run.main, dynamic_ncols=True)
@@ -109,7 +110,7 @@ def _train(run: Run, state, data_iter, stop: StopOnSignal):
     if t.eval_every and step % t.eval_every == 0 and step != t.steps:
       t0 = time.perf_counter()
       run.writer.write({"step": step, **evaluate(run.config, run.graphdef, state, run.mesh,
-                                                 eval_fn=eval_fn)})
+                                                 eval_set=run.eval_set)})
       clock += time.perf_counter() - t0  # tokens/s counts training time only
     if step % t.checkpoint_every == 0 or step == t.steps:
       _save(run, step, state, data_iter)
@@ -128,11 +129,14 @@ def _finish(run: Run, state, stopped: StopOnSignal | None) -> dict:
     print(f"{stopped.signal_name}: stopped after step {step}; saved checkpoint "
           f"{run.ckpts.path(step)}", flush=True)
     return {"step": step, "stopped": True}
-  result = {"step": step, **evaluate(run.config, run.graphdef, state, run.mesh)}
+  result = {"step": step, **evaluate(run.config, run.graphdef, state, run.mesh,
+                                     full=run.config.train.eval_full_at_end,
+                                     eval_set=run.eval_set)}
   if run.main and not run.writer.has_record(step, "eval_loss"):  # not logged twice
     run.writer.write(result)
   if run.main:
-    print(f"step {step}: eval loss {result['eval_loss']:.4f} perplexity "
+    print(f"step {step}: eval loss {result['eval_loss']:.4f} +- {result['eval_loss_se']:.4f} "
+          f"(s.e. over {result['eval_docs']} documents) perplexity "
           f"{result['eval_perplexity']:.2f}; checkpoint {run.ckpts.path(step)}", flush=True)
     _plot(run.workdir)
   return {**result, "stopped": False}
@@ -166,7 +170,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start = int(state["step"])
   writer = metrics_lib.MetricWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
   run = Run(config, workdir, mesh, graphdef, tx, ckpts, writer, fpt,
-            metrics_lib.Interval(interval))
+            metrics_lib.Interval(interval), make_eval_set(config))
   if run.main:
     print(f"{'resuming from step ' + str(start) if start else 'starting'}: "
           f"workdir {workdir}, {jax.device_count()} devices, {jax.process_count()} processes")
