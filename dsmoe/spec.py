@@ -37,6 +37,10 @@ class MoESpec:
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 0.0  # 0: never drop at evaluation
   drop_policy: str = "position"  # "position" or "score"
+  # Analysis only, not a config key (dsmoe.analysis.experts, paper Figure 4):
+  # the r highest-scoring routed experts of each token are skipped and its
+  # top-K are chosen among the others.
+  skip_top_experts: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

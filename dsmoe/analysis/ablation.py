@@ -28,6 +28,7 @@ import ml_collections
 from dsmoe import accounting
 from dsmoe import config as config_lib
 from dsmoe.train import metrics as metrics_lib
+from dsmoe.train.evaluation import DOCUMENTS_FILE
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.json"
@@ -56,6 +57,18 @@ def variant_config(config_file: str, variant: str, seed: int,
     config.update_from_flattened_dict(dict(overrides))
   config.train.seed = seed
   config_lib.validate(config)
+  return config
+
+
+def config_from_json(path: str) -> ml_collections.ConfigDict:
+  """The config a run wrote to its config.json (keys checked against the schema)."""
+  with open(path) as f:
+    values = _flat(json.load(f))
+  config = config_lib.base_config()
+  try:
+    config.update_from_flattened_dict(values)
+  except (KeyError, AttributeError, TypeError) as e:
+    raise ValueError(f"{path}: not a dsmoe config of this version ({e})") from None
   return config
 
 
@@ -121,8 +134,18 @@ def run_row(cell: Cell, config, result: dict, workdir: str, wall_s: float,
       "eval_full": result["eval_full"], "eval_set": result.get("eval_set", ""),
       "train_s": round(train_seconds(records, tokens_per_step), 1),
       "wall_s": round(wall_s, 1), "resumed": resumed,
-      "curves": curves(records),
+      "curves": curves(records), "documents": _documents(workdir),
   }
+
+
+def _documents(workdir: str) -> dict | None:
+  """Per-document results of the final full evaluation (None if not full)."""
+  path = os.path.join(workdir, DOCUMENTS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    docs = json.load(f)
+  return {"loss_sum": [round(x, 4) for x in docs["loss_sum"]], "tokens": docs["tokens"]}
 
 
 def _write_json(path: str, obj) -> None:

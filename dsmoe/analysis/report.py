@@ -3,7 +3,10 @@
 Input: the rows of finished runs (:func:`dsmoe.analysis.ablation.read_rows`).
 Statistics over seeds use the sample standard deviation (ddof = 1). A gap
 between two variants "exceeds the noise" when it is larger than twice the
-pooled seed standard deviation ``sqrt((s_a^2 + s_b^2) / 2)``.
+pooled seed standard deviation ``sqrt((s_a^2 + s_b^2) / 2)``. The paired
+standard error of a gap (:func:`gap_se`) measures the other noise source,
+the choice of evaluation documents; it is usually far smaller than either
+variant's own standard error, since both are scored on the same documents.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import math
 import os
 
 import numpy as np
+
+from dsmoe.data.evalset import mean_and_se
 
 CSV_COLUMNS = ("variant", "seed", "steps", "total_params", "activated_params",
                "flops_per_token", "tokens_seen", "eval_loss", "eval_loss_se",
@@ -57,8 +62,30 @@ def aggregate(rows: list[dict], order: list[str] | None = None) -> dict[str, dic
               "seeds": [r["seed"] for r in runs], "losses": loss.tolist(),
               **{k: runs[0][k] for k in ("total_params", "activated_params",
                                           "flops_per_token", "tokens_seen", "steps")},
-              "train_s": float(np.mean([r["train_s"] for r in runs]))}
+              "train_s": float(np.mean([r["train_s"] for r in runs])),
+              "documents": _mean_documents(runs)}
   return out
+
+
+def _mean_documents(runs: list[dict]):
+  """(loss sums averaged over seeds [D], tokens [D], eval set) or None."""
+  docs = [r.get("documents") for r in runs]
+  if any(d is None for d in docs) or len({r.get("eval_set") for r in runs}) != 1:
+    return None
+  return (np.mean([d["loss_sum"] for d in docs], axis=0), np.asarray(docs[0]["tokens"]),
+          runs[0]["eval_set"])
+
+
+def gap_se(a: dict, b: dict) -> float:
+  """Standard error of the gap between two variants' mean losses from the
+  evaluation set alone (paired: the same documents; documents as the units);
+  nan when the per-document results are missing or from different sets."""
+  if a.get("documents") is None or b.get("documents") is None:
+    return float("nan")
+  (la, n, fa), (lb, _, fb) = a["documents"], b["documents"]
+  if fa != fb:
+    return float("nan")
+  return mean_and_se(la - lb, n)[1]
 
 
 def pooled_std(a: dict, b: dict) -> float:
@@ -75,7 +102,7 @@ def comparisons(stats: dict[str, dict], orderings=None) -> list[dict]:
       gap = stats[hi]["mean"] - stats[lo]["mean"]
       noise = 2 * pooled_std(stats[hi], stats[lo])
       out.append({"ordering": name, "higher": hi, "lower": lo, "gap": gap,
-                  "two_std": noise, "agrees": gap > 0,
+                  "two_std": noise, "gap_se": gap_se(stats[hi], stats[lo]), "agrees": gap > 0,
                   "exceeds_noise": bool(abs(gap) > noise) if math.isfinite(noise) else False})
   return out
 
@@ -99,10 +126,11 @@ def markdown(stats: dict[str, dict], comps: list[dict]) -> str:
         f"| {s['train_s'] / 60:.1f} |")
   if comps:
     lines += ["", "| ordering | pair (paper: first is worse) | gap | 2 x pooled seed std "
-              "| agrees with the paper | gap > 2 std |", "|---|---|---:|---:|---|---|"]
+              "| s.e. of gap (eval set, paired) | agrees with the paper | gap > 2 std |",
+              "|---|---|---:|---:|---:|---|---|"]
     for c in comps:
       lines.append(f"| {c['ordering']} | {c['higher']} > {c['lower']} | {c['gap']:+.4f} "
-                   f"| {c['two_std']:.4f} | {'yes' if c['agrees'] else 'no'} "
+                   f"| {c['two_std']:.4f} | {c['gap_se']:.4f} | {'yes' if c['agrees'] else 'no'} "
                    f"| {'yes' if c['exceeds_noise'] else 'no'} |")
   return "\n".join(lines) + "\n"
 

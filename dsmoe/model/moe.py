@@ -38,7 +38,8 @@ class MoE(nnx.Module):
       self.router = Router(d, e, top_k=spec.top_k, score_fn=spec.score_fn,
                            norm_topk_prob=spec.norm_topk_prob,
                            routed_scaling_factor=spec.routed_scaling_factor,
-                           init_std=model.init_std, param_dtype=pdt, rngs=rngs)
+                           init_std=model.init_std, param_dtype=pdt, rngs=rngs,
+                           skip_top=spec.skip_top_experts)
     else:
       self.router = None
     self.shared = (MLP(d, spec.num_shared_experts * f, init_std=model.init_std,

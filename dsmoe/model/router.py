@@ -18,9 +18,14 @@ class Routing(NamedTuple):
 
 
 def gates(scores_bte: jax.Array, top_k: int, *, norm_topk_prob: bool,
-          routed_scaling_factor: float) -> tuple[jax.Array, jax.Array]:
-  """Top-k of the scores; optional renormalisation, then scaling."""
-  weight_btk, idx_btk = jax.lax.top_k(scores_bte, top_k)
+          routed_scaling_factor: float, skip_top: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Top-k of the scores; optional renormalisation, then scaling.
+
+  `skip_top` = r > 0 (an analysis, paper Figure 4) passes over the r best
+  experts of each token: the top-k are ranks r+1 .. r+k of its scores.
+  """
+  weight_btk, idx_btk = jax.lax.top_k(scores_bte, skip_top + top_k)
+  weight_btk, idx_btk = weight_btk[..., skip_top:], idx_btk[..., skip_top:]
   if norm_topk_prob:
     weight_btk = weight_btk / (jnp.sum(weight_btk, axis=-1, keepdims=True) + 1e-20)
   return idx_btk.astype(jnp.int32), weight_btk * routed_scaling_factor
@@ -31,8 +36,8 @@ class Router(nnx.Module):
 
   def __init__(self, d_model: int, num_experts: int, *, top_k: int, score_fn: str,
                norm_topk_prob: bool, routed_scaling_factor: float, init_std: float,
-               param_dtype, rngs: nnx.Rngs):
-    self.top_k, self.score_fn = top_k, score_fn
+               param_dtype, rngs: nnx.Rngs, skip_top: int = 0):
+    self.top_k, self.score_fn, self.skip_top = top_k, score_fn, skip_top
     self.norm_topk_prob, self.scaling = norm_topk_prob, routed_scaling_factor
     self.w_de = nnx.Param(normal_init(init_std)(rngs.params(), (d_model, num_experts), param_dtype))
 
@@ -44,7 +49,7 @@ class Router(nnx.Module):
     else:
       scores = jax.nn.sigmoid(logits_bte)
     idx, weight = gates(scores, self.top_k, norm_topk_prob=self.norm_topk_prob,
-                        routed_scaling_factor=self.scaling)
+                        routed_scaling_factor=self.scaling, skip_top=self.skip_top)
     return Routing(idx, weight, scores)
 
 

@@ -26,6 +26,8 @@ from dsmoe.train import checkpoint as checkpoint_lib
 from dsmoe.train import optimizer as optimizer_lib
 from dsmoe.train.mesh import global_batch, make_mesh
 
+DOCUMENTS_FILE = "eval_documents.json"  # per-document results of the final evaluation
+
 
 def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
   """-log p(target) of every position, float32 [B, T]."""
@@ -79,14 +81,23 @@ def summary(loss_d: np.ndarray, tokens_d: np.ndarray, *, full: bool) -> dict:
 
 
 def evaluate(config, graphdef, state, mesh, *, full: bool = False,
-             eval_set: EvalSet | None = None) -> dict:
+             eval_set: EvalSet | None = None, documents_path: str | None = None) -> dict:
   """Scores `state` on the whole evaluation set (`full`) or on its first
-  `train.eval_batches` batches; `config` is resolved."""
+  `train.eval_batches` batches; `config` is resolved.
+
+  `documents_path`: also write the per-document loss sums and token counts
+  there (JSON, process 0), e.g. for paired comparisons of two models.
+  """
   eval_set = eval_set if eval_set is not None else make_eval_set(config)
   loss_d, tokens_d = score(graphdef, state["params"], state["rest"], eval_set, mesh,
                            batch_size=config.train.batch_size,
                            num_batches=None if full else config.train.eval_batches)
-  return {**summary(loss_d, tokens_d, full=full), "eval_set": eval_set.fingerprint[:16]}
+  fingerprint = eval_set.fingerprint[:16]
+  if documents_path and jax.process_index() == 0:
+    with open(documents_path, "w") as f:
+      json.dump({"eval_set": fingerprint, "names": list(eval_set.names),
+                 "loss_sum": loss_d.tolist(), "tokens": tokens_d.tolist()}, f)
+  return {**summary(loss_d, tokens_d, full=full), "eval_set": fingerprint}
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,

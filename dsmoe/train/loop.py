@@ -30,7 +30,7 @@ from dsmoe.train import checkpoint as checkpoint_lib
 from dsmoe.train import metrics as metrics_lib
 from dsmoe.train import optimizer as optimizer_lib
 from dsmoe.train import step as step_lib
-from dsmoe.train.evaluation import evaluate
+from dsmoe.train.evaluation import DOCUMENTS_FILE, evaluate
 from dsmoe.train.mesh import global_batch, make_mesh
 from dsmoe.train.signals import StopOnSignal
 
@@ -129,9 +129,10 @@ def _finish(run: Run, state, stopped: StopOnSignal | None) -> dict:
     print(f"{stopped.signal_name}: stopped after step {step}; saved checkpoint "
           f"{run.ckpts.path(step)}", flush=True)
     return {"step": step, "stopped": True}
-  result = {"step": step, **evaluate(run.config, run.graphdef, state, run.mesh,
-                                     full=run.config.train.eval_full_at_end,
-                                     eval_set=run.eval_set)}
+  full = run.config.train.eval_full_at_end
+  result = {"step": step, **evaluate(
+      run.config, run.graphdef, state, run.mesh, full=full, eval_set=run.eval_set,
+      documents_path=os.path.join(run.workdir, DOCUMENTS_FILE) if full else None)}
   if run.main and not run.writer.has_record(step, "eval_loss"):  # not logged twice
     run.writer.write(result)
   if run.main:

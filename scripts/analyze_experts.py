@@ -1,0 +1,90 @@
+"""Expert-specialisation analyses of trained checkpoints (paper section 4.5).
+
+    python scripts/analyze_experts.py --workdir runs/ablation/deepseekmoe/seed0
+    python scripts/analyze_experts.py \
+        --workdir runs/ablation/deepseekmoe/seed0,runs/ablation/gshard/seed0 --out runs/experts
+
+For each run: (a) the r best routed experts of each token disabled, for a
+sweep of ratios (Figure 4); (b) the number of activated routed experts varied
+at evaluation (Figure 5); (c) the shared expert disabled and one more routed
+expert activated; (d) per-layer expert-load heatmap; (e) redundancy between
+experts' outputs. Writes <out>/experts.json, experts.png (a, b, c, e; every
+run on the same axes) and expert_load.png (d); <out> defaults to
+<first workdir>/analysis.
+
+The config is read from <workdir>/config.json (written by
+scripts/run_ablation.py) unless --config is given (the file the run was
+trained with, and its --config.* overrides).
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config the runs were trained with "
+                                "(default: each workdir's config.json).", lock_config=True)
+flags.DEFINE_list("workdir", None, "Training workdir(s) with checkpoints.")
+flags.DEFINE_list("names", None, "A label per workdir (default: <variant>/<seed> "
+                  "folder names).")
+flags.DEFINE_string("out", None, "Output folder (default: <first workdir>/analysis).")
+flags.DEFINE_integer("eval_batches", 0, "Evaluation batches per score (0: the whole "
+                     "evaluation set).")
+flags.DEFINE_list("ratios", "0,0.0625,0.125,0.1875,0.25", "(a) ratios of routed experts disabled.")
+flags.DEFINE_integer("redundancy_tokens", 2048, "(e) tokens the expert outputs are compared on.")
+flags.mark_flags_as_required(["workdir"])
+FLAGS = flags.FLAGS
+
+
+def _config(workdir):
+  if FLAGS.config is not None:
+    return FLAGS.config
+  from dsmoe.analysis.ablation import CONFIG_FILE, config_from_json
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise ValueError(f"{path} does not exist (runs of scripts/train.py have none): "
+                     "give --config, the file the run was trained with")
+  return config_from_json(path)
+
+
+def _name(workdir: str) -> str:
+  parts = os.path.normpath(os.path.abspath(workdir)).split(os.sep)
+  return "/".join(parts[-2:])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from dsmoe.analysis import experts, plots
+  from dsmoe.train.checkpoint import CheckpointError
+  names = FLAGS.names or [_name(w) for w in FLAGS.workdir]
+  if len(names) != len(FLAGS.workdir):
+    print("error: --names needs one label per --workdir", file=sys.stderr)
+    sys.exit(1)
+  out = FLAGS.out or os.path.join(FLAGS.workdir[0], "analysis")
+  results = {}
+  try:
+    ratios = [float(r) for r in FLAGS.ratios]
+    for name, workdir in zip(names, FLAGS.workdir):
+      trained = experts.load_trained(_config(workdir), workdir,
+                                     num_batches=FLAGS.eval_batches or None)
+      results[name] = experts.analyze(trained, ratios=ratios,
+                                      redundancy_tokens=FLAGS.redundancy_tokens)
+      results[name]["workdir"] = os.path.abspath(workdir)
+      print(f"{name}: evaluation loss {results[name]['baseline']['loss']:.4f}", flush=True)
+  except (CheckpointError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "experts.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  paths = [os.path.join(out, "experts.json"),
+           plots.expert_analyses(results, os.path.join(out, "experts.png")),
+           plots.expert_load(results, os.path.join(out, "expert_load.png"))]
+  print("written: " + ", ".join(paths))
+
+
+if __name__ == "__main__":
+  app.run(main)
