@@ -3,7 +3,8 @@
     python scripts/run_ablation.py --workdir runs/ablation \
         --variants dense,hash,switch,gshard,shared,m2,deepseekmoe --seeds 0,1,2 \
         [--steps 2000] [--config.train.batch_size=32 ...] [--out docs/results]
-    python scripts/run_ablation.py --collect_only --workdir runs/ablation --out docs/results
+    python scripts/run_ablation.py --collect_only --workdir runs/ablation --out docs/results \
+        --update_doc docs/RESULTS.md
 
 Each run trains in <workdir>/<variant>/seed<k>. A finished run (its run.json
 exists) is skipped; an interrupted one resumes from its latest checkpoint.
@@ -40,6 +41,8 @@ flags.DEFINE_integer("steps", 0, "train.steps of every run (0: the config's).")
 flags.DEFINE_string("out", None, "Where the tables and plots go (default: --workdir).")
 flags.DEFINE_boolean("collect_only", False, "Only rewrite the tables and plots "
                      "from the finished runs under --workdir.")
+flags.DEFINE_string("update_doc", None, "Also put the table into this markdown file "
+                    "(between its ablation-results markers, e.g. docs/RESULTS.md).")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -59,6 +62,10 @@ def _collect(order):
       if os.path.exists(src):
         shutil.copyfile(src, os.path.join(dst, ablation.RUN_FILE))
   paths = report.write_report(rows, out, order)
+  if FLAGS.update_doc:
+    with open(paths["table"]) as f:
+      report.update_doc(FLAGS.update_doc, f.read())
+    paths["doc"] = FLAGS.update_doc
   print(f"{len(rows)} finished runs -> " + ", ".join(paths.values()), flush=True)
 
 
@@ -70,7 +77,11 @@ def main(argv):
   from dsmoe.train.checkpoint import CheckpointError
   variants = [v for v in FLAGS.variants if v]
   if FLAGS.collect_only:
-    return _collect(variants)
+    try:
+      return _collect(variants)
+    except (OSError, ValueError) as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(1)
   config_file = config_flags.get_config_filename(FLAGS["config"]).split(":")[0]
   overrides = dict(config_flags.get_override_values(FLAGS["config"]))
   if FLAGS.steps:

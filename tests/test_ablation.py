@@ -164,3 +164,13 @@ def test_report_statistics_by_hand(tmp_path):
   assert comp["gap_se"] == pytest.approx(np.sqrt(2 * (0.4**2 + 0.4**2)) / 10)
   paths = report.write_report(rows, str(tmp_path), ["gshard", "deepseekmoe"])
   assert pathlib.Path(paths["flops"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_update_doc_replaces_only_the_marked_section(tmp_path):
+  doc = tmp_path / "RESULTS.md"
+  doc.write_text(f"intro\n{report.BEGIN}\nold table\n{report.END}\noutro\n")
+  report.update_doc(str(doc), "| new |\n")
+  assert doc.read_text() == f"intro\n{report.BEGIN}\n| new |\n{report.END}\noutro\n"
+  (tmp_path / "plain.md").write_text("no markers")
+  with pytest.raises(ValueError, match="no '<!-- ablation-results:begin -->'"):
+    report.update_doc(str(tmp_path / "plain.md"), "x")

@@ -149,3 +149,21 @@ def write_report(rows: list[dict], out_dir: str, order: list[str] | None = None)
   paths["curves"] = plots.loss_curves(rows, list(stats), os.path.join(out_dir, "loss_curves.png"))
   paths["flops"] = plots.loss_vs_flops(stats, os.path.join(out_dir, "loss_vs_flops.png"))
   return paths
+
+
+BEGIN, END = "<!-- ablation-results:begin -->", "<!-- ablation-results:end -->"
+
+
+def update_doc(path: str, table: str) -> None:
+  """Replaces the text between the BEGIN and END markers of `path` with `table`.
+
+  Raises ValueError when the file lacks the markers.
+  """
+  with open(path) as f:
+    text = f.read()
+  if BEGIN not in text or END not in text.split(BEGIN, 1)[1]:
+    raise ValueError(f"{path} has no '{BEGIN}' ... '{END}' section to update")
+  head, rest = text.split(BEGIN, 1)
+  tail = rest.split(END, 1)[1]
+  with open(path, "w") as f:
+    f.write(f"{head}{BEGIN}\n{table}{END}{tail}")
