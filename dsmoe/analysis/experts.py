@@ -90,7 +90,10 @@ def _learned(trained: Trained, what: str) -> None:
                      f"{trained.moe.router!r}")
 
 
-def disable_top(trained: Trained, ratios=(0, 1 / 16, 2 / 16, 3 / 16, 4 / 16)) -> list[dict]:
+RATIOS = (0, 1 / 16, 2 / 16, 3 / 16, 4 / 16)  # of the routed experts, disabled in (a)
+
+
+def disable_top(trained: Trained, ratios=RATIOS) -> list[dict]:
   """Loss when each token skips its r = round(ratio x N') best routed experts."""
   _learned(trained, "disabling top experts")
   n, k = trained.moe.num_routed_experts, trained.moe.top_k
@@ -224,13 +227,13 @@ def analyze(trained: Trained, *, ratios=None, ks=None, load_batches: int = 8,
             redundancy_tokens: int = 2048) -> dict:
   """All five analyses of one model as a JSON-able dict (absent: not applicable)."""
   moe = trained.moe
+  baseline = score(trained)
   out = {"model": {"router": moe.router, "routed": moe.num_routed_experts,
                    "shared": moe.num_shared_experts, "top_k": moe.top_k,
                    "expert_hidden": moe.expert_hidden},
-         "eval_tokens_per_score": None, "baseline": score(trained)}
-  out["eval_tokens_per_score"] = out["baseline"]["tokens"]
+         "eval_tokens_per_score": baseline["tokens"], "baseline": baseline}
   if moe.router == "topk":
-    out["disable_top"] = disable_top(trained, *([ratios] if ratios else []))
+    out["disable_top"] = disable_top(trained, ratios or RATIOS)
     out["vary_top_k"] = vary_top_k(trained, ks)
     out["swap_shared"] = swap_shared(trained)
   out["expert_load"] = expert_load(trained, load_batches).round(5).tolist()
