@@ -174,3 +174,19 @@ def test_update_doc_replaces_only_the_marked_section(tmp_path):
   (tmp_path / "plain.md").write_text("no markers")
   with pytest.raises(ValueError, match="no '<!-- ablation-results:begin -->'"):
     report.update_doc(str(tmp_path / "plain.md"), "x")
+
+
+PAPER_2B = {"model.d_model": 1280, "model.num_layers": 9, "model.num_heads": 10,
+            "model.head_dim": 128, "model.dense_hidden": 3520,
+            "model.moe.fine_grained.ffn_hidden": 3520, "data.seq_len": 2048}
+
+
+@pytest.mark.parametrize("variant,total,activated,tflops", [
+    ("dense", 0.2, 0.2, 2.9), ("hash", 2.0, 0.2, 2.9), ("switch", 2.0, 0.2, 2.9),
+    ("gshard", 2.0, 0.3, 4.3), ("deepseekmoe", 2.0, 0.3, 4.3)])
+def test_overrides_give_the_papers_2b_table1_sizes(variant, total, activated, tflops):
+  """The README's --config.* flags turn the grid into the paper's Table 1 models."""
+  c = ablation.variant_config("ablation", variant, 0, PAPER_2B)
+  n = dsmoe.count_params(c)
+  assert round(n["total"] / 1e9, 1) == total and round(n["activated"] / 1e9, 1) == activated
+  assert dsmoe.flops_per_token(c) * 2048 / 1e12 == pytest.approx(tflops, rel=0.05)
