@@ -8,9 +8,9 @@ For each run: (a) the r best routed experts of each token disabled, for a
 sweep of ratios (Figure 4); (b) the number of activated routed experts varied
 at evaluation (Figure 5); (c) the shared expert disabled and one more routed
 expert activated; (d) per-layer expert-load heatmap; (e) redundancy between
-experts' outputs. Writes <out>/experts.json, experts.png (a, b, c, e; every
-run on the same axes) and expert_load.png (d); <out> defaults to
-<first workdir>/analysis.
+experts' outputs. Writes <out>/experts.json, experts.md (tables),
+experts.png (a, b, c, e; every run on the same axes) and expert_load.png
+(d); <out> defaults to <first workdir>/analysis.
 
 The config is read from <workdir>/config.json (written by
 scripts/run_ablation.py) unless --config is given (the file the run was
@@ -57,7 +57,7 @@ def _name(workdir: str) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from dsmoe.analysis import experts, plots
+  from dsmoe.analysis import experts, plots, report
   from dsmoe.train.checkpoint import CheckpointError
   names = FLAGS.names or [_name(w) for w in FLAGS.workdir]
   if len(names) != len(FLAGS.workdir):
@@ -80,7 +80,9 @@ def main(argv):
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "experts.json"), "w") as f:
     json.dump(results, f, indent=1)
-  paths = [os.path.join(out, "experts.json"),
+  with open(os.path.join(out, "experts.md"), "w") as f:
+    f.write(report.experts_markdown(results))
+  paths = [os.path.join(out, "experts.json"), os.path.join(out, "experts.md"),
            plots.expert_analyses(results, os.path.join(out, "experts.png")),
            plots.expert_load(results, os.path.join(out, "expert_load.png"))]
   print("written: " + ", ".join(paths))

@@ -177,6 +177,9 @@ def test_analyze_experts_on_a_checkpoint(tmp_path):
               "redundancy"):
     assert result["a"][key], key
   assert np.asarray(result["a"]["expert_load"]).shape == (1, 30)  # one MoE layer
+  table = (out / "experts.md").read_text()
+  base = result["a"]["baseline"]["loss"]
+  assert f"| a | {base:.4f} +- " in table and "k=1: " in table
   for png in ("experts.png", "expert_load.png"):
     assert (out / png).read_bytes()[:4] == b"\x89PNG"
   missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "analyze_experts.py"),

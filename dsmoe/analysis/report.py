@@ -167,3 +167,25 @@ def update_doc(path: str, table: str) -> None:
   tail = rest.split(END, 1)[1]
   with open(path, "w") as f:
     f.write(f"{head}{BEGIN}\n{table}{END}{tail}")
+
+
+def experts_markdown(results: dict[str, dict]) -> str:
+  """Tables of scripts/analyze_experts.py results (name -> experts.analyze)."""
+  lines = ["| model | loss as trained | (a) loss increase, r of N' routed experts disabled "
+           "| (c) shared off, top-k + 1 | (e) mean pairwise cosine per layer |",
+           "|---|---:|---|---|---|"]
+  for name, r in results.items():
+    base = r["baseline"]["loss"]
+    drops = ", ".join(f"{p['disabled']}/{r['model']['routed']}: {p['loss'] - base:+.3f}"
+                      for p in r.get("disable_top") or [] if p["disabled"])
+    swap = r.get("swap_shared")
+    swap_s = (f"{swap['trained']['loss']:.3f} -> {swap['swapped']['loss']:.3f}"
+              if swap else "no shared expert")
+    red = ", ".join(f"{layer['mean_pairwise_cosine']:.3f}" for layer in r["redundancy"])
+    lines.append(f"| {name} | {base:.4f} +- {r['baseline']['se']:.4f} | {drops} "
+                 f"| {swap_s} | {red} |")
+  lines += ["", "| model | (b) loss with top-k routed experts at evaluation |", "|---|---|"]
+  for name, r in results.items():
+    ks = ", ".join(f"k={p['top_k']}: {p['loss']:.3f}" for p in r.get("vary_top_k") or [])
+    lines.append(f"| {name} (trained k={r['model']['top_k']}) | {ks} |")
+  return "\n".join(lines) + "\n"
