@@ -270,13 +270,22 @@ def _no_text_files(root):
   return root / "text"
 
 
-@pytest.mark.parametrize("make_dir,error,pattern", [
-    (_missing, FileNotFoundError, r"data.text_dir.*nope.*does not exist"),
-    (_empty, ValueError, r"data.text_dir.*text.*is empty"),
-    (_no_text_files, ValueError, r"no text files matching \*\.txt"),
-], ids=["missing_directory", "empty_directory", "no_text_files"])
-def test_bad_text_dir(tmp_path, make_dir, error, pattern):
-  c = make_config(tmp_path, make_dir(tmp_path))
+def _broken_link_only(root):
+  (root / "text").mkdir()
+  os.symlink(root / "gone.txt", root / "text" / "link.txt")
+  return root / "text"
+
+
+@pytest.mark.parametrize("make_dir,glob,error,pattern", [
+    (_missing, "", FileNotFoundError, r"data.text_dir.*nope.*does not exist"),
+    (_empty, "", ValueError, r"data.text_dir.*text.*is empty"),
+    (_no_text_files, "", ValueError, r"all 1 files in .* skipped \(1 binary or not UTF-8\)"),
+    (_no_text_files, "*.txt", ValueError, r"no files matching \*\.txt \(data.file_glob\)"),
+    (_broken_link_only, "", ValueError, r"all 1 files .* skipped \(1 unreadable .*link.txt"),
+], ids=["missing_directory", "empty_directory", "only_binary", "no_file_matches",
+        "only_a_broken_link"])
+def test_bad_text_dir(tmp_path, make_dir, glob, error, pattern):
+  c = make_config(tmp_path, make_dir(tmp_path), file_glob=glob)
   with pytest.raises(error, match=pattern):
     make_loader(c, process_index=0, process_count=1)
   assert_nothing_built(tmp_path / "cache")

@@ -55,17 +55,14 @@ class Source:
 
 
 def prepare_help(name: str, data_dir: str) -> str:
-  """How to prepare a named TFDS dataset for offline use."""
+  """How to prepare a named TFDS dataset for offline use (one line)."""
   return (
-      f"On a machine with internet access run\n"
-      f"    python -c \"import tensorflow_datasets as tfds; tfds.builder("
-      f"'{name}', data_dir='{data_dir}', file_format='array_record')"
-      f".download_and_prepare()\"\n"
-      f"(or: tfds build {name} --data_dir={data_dir} --file_format=array_record),"
-      f" then copy that folder here and set data.data_dir to it. Datasets that "
-      f"need a manual download read their files from {data_dir}/downloads/manual "
-      f"(or download_and_prepare(download_config=tfds.download.DownloadConfig("
-      f"manual_dir=...))). See docs/DATA.md.")
+      f"on a machine with internet access run: python -c \"import tensorflow_datasets "
+      f"as tfds; tfds.builder('{name}', data_dir='{data_dir}', file_format='array_record')"
+      f".download_and_prepare()\" (or: tfds build {name} --data_dir={data_dir} "
+      f"--file_format=array_record), then copy that folder here and set data.data_dir "
+      f"to it; datasets that need a manual download read their files from "
+      f"{data_dir}/downloads/manual. See docs/DATA.md")
 
 
 def named_source(name: str, data_dir: str, text_key: str) -> Source:
@@ -81,7 +78,14 @@ def named_source(name: str, data_dir: str, text_key: str) -> Source:
   if not builder.is_prepared():
     raise FileNotFoundError(
         f"data.tfds_name={name!r} is not prepared in data.data_dir={data_dir!r}, "
-        f"and nothing is downloaded at run time. " + prepare_help(name, data_dir))
+        f"and nothing is downloaded at run time; " + prepare_help(name, data_dir))
+  missing = [str(p) for split in builder.info.splits.values() for p in split.filepaths
+             if not os.path.exists(p)]
+  if missing:
+    raise FileNotFoundError(
+        f"data.tfds_name={name!r}: the prepared copy in {builder.data_dir!r} is "
+        f"incomplete: {missing[0]} is missing ({len(missing)} file(s) in all); prepare "
+        "the dataset again (see docs/DATA.md)")
   features = builder.info.features
   if text_key not in features:
     raise ValueError(f"data.text_key={text_key!r}: dataset {name!r} has no such "

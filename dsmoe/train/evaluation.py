@@ -9,9 +9,12 @@ import jax
 import numpy as np
 
 from dsmoe import config as config_lib
+from dsmoe import errors
+from dsmoe.errors import WorkdirError
 from dsmoe.data import make_loader
 from dsmoe.train import checkpoint as checkpoint_lib
 from dsmoe.train import optimizer as optimizer_lib
+from dsmoe.train import preflight
 from dsmoe.train import step as step_lib
 from dsmoe.train.mesh import global_batch, make_mesh
 
@@ -32,17 +35,24 @@ def evaluate(config, graphdef, state, mesh, *, eval_fn=None) -> dict:
           "eval_tokens": n}
 
 
-def evaluate_checkpoint(config, workdir: str,
-                        step: int | None = None) -> dict:
+def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
+                        output: str | None = None) -> dict:
   """Evaluates checkpoint `step` (default: latest) of `workdir`.
 
-  Writes ``<workdir>/eval_step<N>.json`` (process 0) and returns its content.
-  Raises CheckpointError when the checkpoint is missing or does not match.
+  Writes the result to `output` (default ``<workdir>/eval_step<N>.json``,
+  process 0) and returns it with its "path". The output folder is checked to
+  be writable before anything is computed; if the write still fails, the
+  error holds the result. Raises CheckpointError when the checkpoint is
+  missing or does not match.
   """
   config = config_lib.resolve(config)
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise checkpoint_lib.CheckpointError(f"no checkpoints in {workdir}/checkpoints")
+  out_dir = os.path.dirname(os.path.abspath(output)) if output else workdir
+  if jax.process_index() == 0:
+    preflight.check_writable(out_dir, what="output folder", hint="give --output=PATH "
+                             "(evaluate.py) to write the result elsewhere")
   ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
   tx = optimizer_lib.make_optimizer(config.train)
   mesh = make_mesh(config.mesh)
@@ -55,9 +65,18 @@ def evaluate_checkpoint(config, workdir: str,
     ckpts.close()
   result = {"step": int(state["step"]), "checkpoint": ckpts.path(int(state["step"])),
             **evaluate(config, graphdef, state, mesh)}
-  path = os.path.join(workdir, f"eval_step{result['step']}.json")
+  path = os.path.abspath(output) if output else os.path.join(
+      workdir, f"eval_step{result['step']}.json")
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(result, f, indent=1)
+    _write_result(path, result)
   result["path"] = path
   return result
+
+
+def _write_result(path: str, result: dict) -> None:
+  try:
+    with open(path, "w") as f:
+      json.dump(result, f, indent=1)
+  except OSError as e:
+    raise WorkdirError(f"{errors.describe_os_error(e)}; the result was "
+                       f"{json.dumps(result)}") from e
