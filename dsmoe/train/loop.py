@@ -66,6 +66,7 @@ class Run:
   flops_per_token: float
   interval: metrics_lib.Interval
   eval_fn: object  # jitted dsmoe.train.step.eval_step
+  probe_fn: object = None  # jitted dsmoe.train.step.probe_step (at the first save)
 
   @property
   def main(self) -> bool:
@@ -88,7 +89,10 @@ def _last_good(run: Run) -> str:
 
 
 def _nonfinite(run: Run, step: int, m: dict) -> NonFiniteError:
-  what = "loss or gradient" if m.get("params_finite", True) else "updated parameters"
+  parts = [name for name, ok in (("loss", np.isfinite(m["loss"])),
+                                 ("gradient", np.isfinite(m["grad_norm"])),
+                                 ("updated parameters", m["params_finite"])) if not ok]
+  what = " and ".join(parts) or "auxiliary loss"
   return NonFiniteError(
       f"non-finite {what} at step {step} (loss={float(m['loss'])}, "
       f"grad_norm={float(m['grad_norm'])}); stopping without saving. Last good "
@@ -106,16 +110,20 @@ def _check_skipped(run: Run, step: int, skipped: int) -> None:
 
 
 def _save(run: Run, step: int, state, data_iter, batch) -> None:
-  """Saves `state` (step `step`) unless saved already or its parameters give
-  a non-finite loss on the step's batch (a diverged model is never saved)."""
+  """Saves `state` (step `step`) unless saved already, or unless its
+  parameters give a non-finite loss or gradient on the step's batch (a
+  diverged model is never saved)."""
   if run.ckpts.latest_step() == step:
     return
-  out = jax.device_get(run.eval_fn(state["params"], state["rest"], batch))
-  if not np.isfinite(float(out["ce_sum"])):
+  if run.probe_fn is None:
+    run.probe_fn = step_lib.jit_probe_step(run.config, run.graphdef)
+  out = jax.device_get(run.probe_fn(state["params"], state["rest"], batch))
+  if not out["finite"]:
     raise NonFiniteError(
-        f"the parameters after step {step} give a non-finite loss on that step's "
-        f"batch (they diverged); not saving them. Last good checkpoint: "
-        f"{_last_good(run)}. Lower train.learning_rate.")
+        f"the parameters after step {step} give a non-finite loss or gradient on "
+        f"that step's batch (loss={float(out['loss'])}, grad_norm="
+        f"{float(out['grad_norm'])}): they diverged; not saving them. Last good "
+        f"checkpoint: {_last_good(run)}. Lower train.learning_rate.")
   run.writer.sync()
   run.ckpts.save(step, state, data_iter.get_state(), run.interval.state())
 

@@ -141,6 +141,19 @@ def train_step(state, batch, *, graphdef, tx, schedule, accum: int, skip_nonfini
   return new_state, metrics
 
 
+def probe_step(params, rest, batch, *, graphdef, accum: int):
+  """Loss, gradient norm and whether both (and the aux losses) are finite, of
+  `params` on `batch`, without an update: the loop checks that a state it is
+  about to save can still train (a diverged model can have finite
+  parameters and loss but non-finite gradients)."""
+  grads, ce_sum, n_tokens, aux = _grads(graphdef, params, rest, batch, accum)
+  loss, grad_norm = ce_sum / n_tokens, global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  for v in aux["losses"].values():
+    finite &= jnp.isfinite(v)
+  return {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+
 def eval_step(params, rest, batch, *, graphdef):
   """{"ce_sum", "tokens"} of one batch, MoE in evaluation mode."""
   ce_sum, n, _ = _forward(graphdef, params, rest, batch, train=False)
@@ -154,6 +167,11 @@ def jit_train_step(config: Spec, graphdef, tx):
                          schedule=optimizer_lib.make_schedule(t),
                          accum=t.grad_accum_steps, skip_nonfinite=t.skip_nonfinite)
   return jax.jit(fn, donate_argnums=0)
+
+
+def jit_probe_step(config: Spec, graphdef):
+  return jax.jit(functools.partial(probe_step, graphdef=graphdef,
+                                   accum=config.train.grad_accum_steps))
 
 
 def jit_eval_step(graphdef):
