@@ -80,7 +80,8 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
 
 @contextlib.contextmanager
 def _quiet_tfds():
-  """Hides TFDS's warnings about custom (per-directory) builder configs."""
+  """Hides TFDS's warnings about custom (per-directory) builder configs and
+  about the folder of a build that is not finished yet."""
   absl_logger = logging.getLogger("absl")
   level = absl_logger.level
   absl_logger.setLevel(logging.ERROR)
@@ -152,7 +153,9 @@ def local_text_builder(text_dir: str, data_dir: str, *, file_glob: str = "",
 
   builder = make(corpus.files)
   problem = cache_problem(builder.data_dir)
-  if problem is None and builder.is_prepared():
+  with _quiet_tfds():
+    prepared = builder.is_prepared()
+  if problem is None and prepared:
     return builder
   if problem is not None:
     logging.warning("local_text: the cached dataset %s is damaged (%s); building it "
@@ -171,6 +174,7 @@ def local_text_builder(text_dir: str, data_dir: str, *, file_glob: str = "",
   logging.info("local_text: building %s (%d files) into %s", name, len(sel.files),
                builder.data_dir)
   tfds.display_progress_bar(False)  # one line in the log instead of bars
-  builder.download_and_prepare()
+  with _quiet_tfds():  # no warnings about the (custom) folder it is building
+    builder.download_and_prepare()
   write_manifest(builder.data_dir)
   return builder

@@ -73,7 +73,8 @@ class _Sample:
   def describe(self) -> str:
     long = (f"; {self.long_lines} line(s) longer than {MAX_LINE_BYTES} bytes were "
             "split into pieces" if self.long_lines else "")
-    return f"{self.lines} lines, {self.bytes / 1024:.0f} KB of text{long}"
+    size = f"{self.bytes} bytes" if self.bytes < 10240 else f"{self.bytes // 1024} KB"
+    return f"{self.lines} lines, {size} of text{long}"
 
 
 def _pieces(line: str) -> Iterator[str]:
@@ -126,7 +127,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, pad_id: int = 
         max_sentence_length=MAX_LINE_BYTES * 4, num_threads=os.cpu_count() or 1,
         minloglevel=2)
   except RuntimeError as e:
-    reason = " ".join(str(e).split())
+    reason = " ".join(str(e).split()).rstrip(".")
     raise ValueError(
         f"data.vocab_size={vocab_size}: SentencePiece could not train {vocab_size} "
         f"pieces on the training text it was given ({sample.describe()}): {reason}. "
