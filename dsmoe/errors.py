@@ -20,7 +20,7 @@ import re
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
-MAX_CHARS = 400  # a message from a library is cut here
+MAX_CHARS = 1000  # a longer message (from a library) is cut here
 
 
 class WorkdirError(RuntimeError):

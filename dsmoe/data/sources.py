@@ -13,6 +13,7 @@ import os
 
 import tensorflow_datasets as tfds
 
+from dsmoe import errors
 from dsmoe.data import local_text
 
 # A requested split -> the splits tried in order (first one that exists).
@@ -46,12 +47,34 @@ class Source:
   def data_source(self, split: str):
     """Random-access records of `split` (len() and [i] -> dict of features)."""
     try:
-      return self.builder.as_data_source(split=self.split_name(split))
+      records = self.builder.as_data_source(split=self.split_name(split))
     except NotImplementedError:
       raise ValueError(
           f"{self.key}: dataset {self.dataset_id!r} in {self.builder.data_dir!r} "
           "is not in the array_record format, which random access needs; prepare "
           "it again with file_format='array_record'") from None
+    fix = ("delete that folder to build it again" if self.key == "data.text_dir" else
+           "prepare the dataset again (see docs/DATA.md)")
+    return Records(records, f"{self.key}: the {split!r} split of {self.dataset_id!r} in "
+                   f"{self.builder.data_dir}", fix)
+
+
+class Records:
+  """A TFDS data source whose read errors (a damaged array_record file) are
+  one ValueError naming the dataset, its folder and what to do."""
+
+  def __init__(self, records, where: str, fix: str):
+    self._records, self._where, self._fix = records, where, fix
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index):
+    try:
+      return self._records[index]
+    except (RuntimeError, OSError) as e:
+      raise ValueError(f"{self._where}: record {index} cannot be read ({errors.short(e)}); "
+                       f"the files are damaged: {self._fix}") from e
 
 
 def prepare_help(name: str, data_dir: str) -> str:
