@@ -8,7 +8,9 @@ temporary directory and renames it when complete, and deletes an old one
 only after a newer one is complete, so the workdir always keeps its last
 good checkpoint. Restores check every array's shape and dtype against the
 config first and raise one :class:`CheckpointError` naming the checkpoint
-and the mismatch.
+and the mismatch. A save that fails (a full disk, ...) raises one
+:class:`CheckpointError` too, at the next :meth:`Checkpoints.check`, save or
+wait, naming the last good checkpoint, which stays.
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ class Checkpoints:
 
   def check(self) -> None:
     """Raises CheckpointError at once if an asynchronous save has failed."""
-    if self._pending is not None and not self.manager.is_saving_in_progress():
+    in_progress = getattr(self.manager, "is_saving_in_progress", None)  # newer Orbax
+    if self._pending is not None and in_progress is not None and not in_progress():
       self.wait()
 
   def _save_failed(self, step: int | None, e: Exception) -> CheckpointError:

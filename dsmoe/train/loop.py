@@ -4,16 +4,16 @@
 2. claim the workdir: writable, and locked against a second trainer
    (dsmoe.train.lock; process 0);
 3. build the mesh (one 'data' axis over all devices), the optimizer, the
-   checkpoint manager and the data iterator; preflight checks (free disk for
-   a checkpoint, training and validation data readable: dsmoe.train.preflight);
-   restore the latest checkpoint of `workdir` (model, optimizer, step,
+   data iterator, the checkpoint manager, with the checks of
+   dsmoe.train.preflight (training and validation data readable, free disk
+   for a checkpoint); restore the latest checkpoint of `workdir` (model, optimizer, step,
    data-iterator state, unfinished logging interval; checked against the
    config) or initialise;
 4. loop: global batch -> jitted train_step (donated state) -> non-finite
    check -> metrics averaged over the logging interval (jsonl, TensorBoard,
    tqdm) -> checkpoint every `train.checkpoint_every` steps, each only if
-   its parameters give a finite loss; SIGTERM/SIGINT finish the step, save,
-   return;
+   its parameters give a finite loss and gradient; SIGTERM/SIGINT finish the
+   step, save, return;
 5. save the final checkpoint, evaluate, plot.
 
 Whichever way the run ends, everything it opened (lock, checkpoint manager,
@@ -37,7 +37,6 @@ from dsmoe import accounting
 from dsmoe import config as config_lib
 from dsmoe.data import make_loader
 from dsmoe.train import checkpoint as checkpoint_lib
-from dsmoe.train import lock as lock_lib
 from dsmoe.train import metrics as metrics_lib
 from dsmoe.train import optimizer as optimizer_lib
 from dsmoe.train import preflight
@@ -49,8 +48,8 @@ from dsmoe.train.signals import StopOnSignal
 
 class NonFiniteError(FloatingPointError):
   """The loss, gradient or parameters became NaN/inf (train.skip_nonfinite
-  off), parameters to be saved give a non-finite loss, or too many steps
-  were skipped (train.max_skipped_fraction)."""
+  off), parameters to be saved give a non-finite loss or gradient, or too
+  many steps were skipped (train.max_skipped_fraction)."""
 
 
 @dataclasses.dataclass
@@ -196,36 +195,6 @@ def _plot(workdir: str) -> None:
   print(f"plot: {plots.plot_run(workdir)}")
 
 
-def _claim_workdir(workdir: str, stack: contextlib.ExitStack) -> None:
-  """Process 0 checks that `workdir` is writable and locks it (released when
-  `stack` closes); every process fails if that fails."""
-  def claim():
-    if jax.process_index() != 0:
-      return
-    preflight.check_writable(workdir)
-    lock = stack.enter_context(lock_lib.WorkdirLock(workdir))
-    if lock.took_over:
-      print(f"took over the lock of {lock_lib.describe_holder(lock.took_over)}, "
-            "which no longer runs", flush=True)
-  preflight.together(claim, f"claiming workdir {workdir}")
-
-
-def _open_data(config):
-  """The training iterator, once training and validation data can be read."""
-  def open_and_check():
-    data_iter = iter(make_loader(config, "train"))
-    preflight.check_data(config, make_loader, data_iter)
-    return data_iter
-  return preflight.together(open_and_check, "reading the data")
-
-
-def _check_disk_space(config, tx, ckpts) -> None:
-  def check():
-    if jax.process_index() == 0:
-      preflight.check_disk_space(ckpts.directory, step_lib.abstract_state(config, tx)[1])
-  preflight.together(check, "checking free disk space")
-
-
 @contextlib.contextmanager
 def _closing(close):
   """Calls `close()` at the end; after a failure, an error of `close` is
@@ -251,14 +220,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config = config_lib.resolve(config)
   workdir = os.path.abspath(workdir)
   with contextlib.ExitStack() as stack:
-    _claim_workdir(workdir, stack)
+    preflight.claim_workdir(workdir, stack)
     mesh = make_mesh(config.mesh)
     _check_batch(config, mesh)
     tx = optimizer_lib.make_optimizer(config.train)
-    data_iter = _open_data(config)
+    data_iter = preflight.open_training_data(config, make_loader)
     ckpts = checkpoint_lib.Checkpoints(workdir, config.train.keep_checkpoints)
     stack.enter_context(_closing(ckpts.close))
-    _check_disk_space(config, tx, ckpts)  # after Orbax removed unfinished saves
+    preflight.room_for_checkpoint(  # after Orbax removed unfinished saves
+        ckpts.directory, lambda: step_lib.abstract_state(config, tx)[1])
     graphdef, state, interval = checkpoint_lib.init_or_restore(config, tx, ckpts, mesh,
                                                                data_iter)
     start = int(state["step"])

@@ -1,6 +1,8 @@
 """Checks made before the first training step, so a run fails in seconds
-instead of after hours: the workdir is writable and has room for one more
-checkpoint, and the training and validation data can be read.
+instead of after hours: the workdir is writable (and locked: dsmoe.train.lock)
+and has room for one more checkpoint, and the training and validation data
+can be read. With several processes each check runs on every process (or
+process 0) and all of them fail together (:func:`together`).
 
 (The config is validated by :func:`dsmoe.config.resolve` and a checkpoint
 is checked against it by :meth:`dsmoe.train.checkpoint.Checkpoints.restore`,
@@ -20,6 +22,7 @@ import numpy as np
 
 from dsmoe import errors
 from dsmoe.errors import WorkdirError
+from dsmoe.train import lock as lock_lib
 
 MB = 1 << 20
 CHECKPOINT_OVERHEAD_BYTES = MB // 4  # metadata files of a checkpoint (generous)
@@ -69,6 +72,28 @@ def check_disk_space(folder: str, abstract_state) -> int:
   return need
 
 
+def claim_workdir(workdir: str, stack) -> None:
+  """Process 0 checks that `workdir` is writable and locks it (released when
+  the contextlib.ExitStack `stack` closes); every process fails if that fails."""
+  def claim():
+    if jax.process_index() != 0:
+      return
+    check_writable(workdir)
+    lock = stack.enter_context(lock_lib.WorkdirLock(workdir))
+    if lock.took_over:
+      print(f"took over the lock of {lock_lib.describe_holder(lock.took_over)}, "
+            "which no longer runs", flush=True)
+  together(claim, f"claiming workdir {workdir}")
+
+
+def room_for_checkpoint(folder: str, abstract_state_fn) -> None:
+  """:func:`check_disk_space` on process 0 for ``abstract_state_fn()``."""
+  def check():
+    if jax.process_index() == 0:
+      check_disk_space(folder, abstract_state_fn())
+  together(check, "checking free disk space")
+
+
 def _read(it, n: int, split: str, config) -> None:
   """Reads `n` batches of `it`; errors name the split and the data source."""
   d = config.data
@@ -93,6 +118,15 @@ def check_data(config, make_loader, train_iter) -> None:
   train_iter.set_state(state)
   _read(iter(make_loader(config, "validation")), config.train.eval_batches,
         "validation", config)
+
+
+def open_training_data(config, make_loader):
+  """``iter(make_loader(config, "train"))``, after :func:`check_data`."""
+  def open_and_check():
+    data_iter = iter(make_loader(config, "train"))
+    check_data(config, make_loader, data_iter)
+    return data_iter
+  return together(open_and_check, "reading the data")
 
 
 def together(fn, what: str):
