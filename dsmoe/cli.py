@@ -3,8 +3,9 @@
 ``dsmoe.cli.run(main)`` replaces ``absl.app.run(main)`` in ``scripts/``. A
 bad flag or config key, a missing file, a read-only or full disk, bad data,
 a damaged checkpoint... end the process with one last line ``error: ...``
-on stderr naming the key or path and what to do, exit status 2 (command
-line, config file) or 1 (anything else), and no traceback. ``--debug`` or
+on stderr naming the key or path and what to do, exit status 2 (the flags
+cannot be parsed: unknown flag or key, missing config file, unparsable
+value) or 1 (anything else), and no traceback. ``--debug`` or
 ``DSMOE_DEBUG=1`` also prints the traceback. An exception that is not an
 expected failure (a bug) keeps its traceback.
 

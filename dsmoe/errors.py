@@ -15,6 +15,7 @@ the array.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import re
 
@@ -101,3 +102,18 @@ def describe(exc: BaseException) -> str | None:
     return (f"out of device memory: {short(exc)}; lower train.batch_size or raise "
             "train.grad_accum_steps")
   return None
+
+
+@contextlib.contextmanager
+def closing(close):
+  """``with closing(obj.close):`` calls it at the end; after a failure, an
+  error of `close` itself is dropped, so it cannot hide the failure."""
+  try:
+    yield
+  except BaseException:
+    try:
+      close()
+    except Exception:  # noqa: BLE001 - the failure being raised says more
+      pass
+    raise
+  close()

@@ -6,8 +6,8 @@
 Multi-process (see docs/TRAINING.md): --coordinator_address, --num_processes,
 --process_id, or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID environment variables, or --distributed on a Cloud TPU pod.
-Errors end with one line `error: ...` (exit status 1, or 2 for a bad command
-line or config); --debug or DSMOE_DEBUG=1 also prints the traceback.
+Errors end with one line `error: ...` (exit status 1, or 2 when the flags
+cannot be parsed); --debug or DSMOE_DEBUG=1 also prints the traceback.
 """
 
 from absl import flags, logging

@@ -56,13 +56,11 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
   ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
   tx = optimizer_lib.make_optimizer(config.train)
   mesh = make_mesh(config.mesh)
-  try:
+  with errors.closing(ckpts.close):
     step = ckpts.latest_step() if step is None else step
     if step is None:
       raise checkpoint_lib.CheckpointError(f"no checkpoints in {ckpts.directory}")
     graphdef, state, _ = checkpoint_lib.init_or_restore(config, tx, ckpts, mesh, None, step)
-  finally:
-    ckpts.close()
   result = {"step": int(state["step"]), "checkpoint": ckpts.path(int(state["step"])),
             **evaluate(config, graphdef, state, mesh)}
   path = os.path.abspath(output) if output else os.path.join(

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from dsmoe import accounting
 from dsmoe import config as config_lib
+from dsmoe import errors
 from dsmoe.data import make_loader
 from dsmoe.train import checkpoint as checkpoint_lib
 from dsmoe.train import metrics as metrics_lib
@@ -195,21 +196,6 @@ def _plot(workdir: str) -> None:
   print(f"plot: {plots.plot_run(workdir)}")
 
 
-@contextlib.contextmanager
-def _closing(close):
-  """Calls `close()` at the end; after a failure, an error of `close` is
-  dropped so that it cannot hide the failure."""
-  try:
-    yield
-  except BaseException:
-    try:
-      close()
-    except Exception:  # noqa: BLE001 - the failure being raised says more
-      pass
-    raise
-  close()
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming from its latest checkpoint).
 
@@ -226,7 +212,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tx = optimizer_lib.make_optimizer(config.train)
     data_iter = preflight.open_training_data(config, make_loader)
     ckpts = checkpoint_lib.Checkpoints(workdir, config.train.keep_checkpoints)
-    stack.enter_context(_closing(ckpts.close))
+    stack.enter_context(errors.closing(ckpts.close))
     preflight.room_for_checkpoint(  # after Orbax removed unfinished saves
         ckpts.directory, lambda: step_lib.abstract_state(config, tx)[1])
     graphdef, state, interval = checkpoint_lib.init_or_restore(config, tx, ckpts, mesh,
@@ -234,7 +220,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start = int(state["step"])
     writer = metrics_lib.MetricWriter(workdir, resume_step=start,
                                       enabled=jax.process_index() == 0)
-    stack.enter_context(_closing(writer.close))
+    stack.enter_context(errors.closing(writer.close))
     run = Run(config, workdir, mesh, graphdef, tx, ckpts, writer, fpt,
               metrics_lib.Interval(interval), step_lib.jit_eval_step(graphdef))
     if run.main:
