@@ -119,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.grad_accum_steps = 1  # micro-batches per update (batch_size is the total)
   t.keep_checkpoints = 3  # keep the last K checkpoints in workdir
   t.skip_nonfinite = False  # True: skip non-finite updates (counted); False: stop
+  t.max_skipped_fraction = 0.1  # with skip_nonfinite: fail past this share of train.steps
   t.peak_flops = 0.0  # peak FLOP/s per device for MFU; 0: measure a matmul
   t.eval_every = 0  # evaluate every N steps (0: only at the end)
   t.eval_batches = 4  # batches of the fixed evaluation set scored during training
@@ -307,6 +308,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for k in ("peak_flops", "eval_every"):
     if t[k] < 0:
       _fail(f"train.{k}", "must be >= 0", t[k])
+  if not isinstance(t.max_skipped_fraction, (int, float)) or not 0 <= t.max_skipped_fraction <= 1:
+    _fail("train.max_skipped_fraction", "must be a fraction in [0, 1] of train.steps",
+          t.max_skipped_fraction)
   if t.batch_size % t.grad_accum_steps:
     _fail("train.grad_accum_steps", "must divide train.batch_size="
           f"{t.batch_size}", t.grad_accum_steps)

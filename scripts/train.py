@@ -1,17 +1,19 @@
 """Train a DeepSeekMoE model; resumes from the latest checkpoint in --workdir.
 
     python scripts/train.py --config configs/tiny.py --workdir runs/tiny \
-        [--config.train.steps=100] [--config.model.moe.impl=dense]
+        [--config.train.steps=100] [--config.model.moe.impl=dense] [--debug]
 
 Multi-process (see docs/TRAINING.md): --coordinator_address, --num_processes,
 --process_id, or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID environment variables, or --distributed on a Cloud TPU pod.
+Errors end with one line `error: ...` (exit status 1, or 2 when the flags
+cannot be parsed); --debug or DSMOE_DEBUG=1 also prints the traceback.
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from dsmoe import cli
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                 lock_config=True)
@@ -28,17 +30,11 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  from dsmoe.train import distributed
+  from dsmoe.train import distributed, train_and_evaluate
   distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id, force=FLAGS.distributed)
-  from dsmoe.train import NonFiniteError, train_and_evaluate
-  from dsmoe.train.checkpoint import CheckpointError
-  try:
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (NonFiniteError, CheckpointError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,6 +9,7 @@ into documents).
 import json
 import logging
 import os
+import pathlib
 import socket
 
 import grain
@@ -103,6 +104,65 @@ def test_default_corpus_lists_stdlib_python_files():
   assert all(f.endswith(".py") and "site-packages" not in f for f in corpus.files)
 
 
+def _truncate_shard(folder):
+  shard = next(folder.glob("*-train.array_record-*"))
+  shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+
+
+def _delete_shard(folder):
+  next(folder.glob("*-validation.array_record-*")).unlink()
+
+
+def _delete_dataset_info(folder):
+  (folder / "dataset_info.json").unlink()
+
+
+def _delete_manifest(folder):
+  (folder / "dsmoe_files.json").unlink()
+
+
+@pytest.mark.parametrize("damage", [_truncate_shard, _delete_shard, _delete_dataset_info,
+                                    _delete_manifest],
+                         ids=["truncated_shard", "deleted_shard", "deleted_dataset_info",
+                              "deleted_manifest"])
+def test_damaged_cache_is_rebuilt_saying_so(tmp_path, caplog, damage):
+  texts = write_corpus(tmp_path / "text")
+  first = local_text_builder(str(tmp_path / "text"), str(tmp_path / "c"), validation_percent=25)
+  damage(pathlib.Path(first.data_dir))
+  with caplog.at_level(logging.WARNING):
+    again = local_text_builder(str(tmp_path / "text"), str(tmp_path / "c"),
+                               validation_percent=25)
+  notes = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert len(notes) == 1 and first.data_dir in notes[0], notes
+  assert again.data_dir == first.data_dir
+  assert {**split_texts(again, "train"), **split_texts(again, "validation")} == texts
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):  # intact now: reused without a word
+    local_text_builder(str(tmp_path / "text"), str(tmp_path / "c"), validation_percent=25)
+  assert "damaged" not in caplog.text
+
+
+def test_a_folder_of_c_headers_is_a_corpus(tmp_path, caplog):
+  """Every regular file holding UTF-8 text, whatever its name; binary files,
+  empty files and broken links are skipped and counted; data.file_glob narrows."""
+  root = tmp_path / "include"
+  (root / "sys").mkdir(parents=True)
+  headers = {"a.h": "#define A 1\n", "sys/b.h": "int b(void);\n", "Makefile": "all:\n"}
+  for rel, text in headers.items():
+    (root / rel).write_text(text, encoding="utf-8")
+  (root / "lib.so").write_bytes(b"\x7fELF\x00\x01")
+  (root / "empty.h").write_bytes(b"")
+  os.symlink(root / "missing.h", root / "dangling.h")
+  with caplog.at_level(logging.WARNING):
+    builder = local_text_builder(str(root), str(tmp_path / "c"), validation_percent=0)
+  assert split_texts(builder, "train") == headers
+  assert ("skipped 3 of 6 files" in caplog.text and "1 binary or not UTF-8, 1 empty, "
+          "1 unreadable (e.g. 'dangling.h'" in caplog.text), caplog.text
+  only_h = local_text_builder(str(root), str(tmp_path / "c"), file_glob="*.h",
+                              validation_percent=0)
+  assert set(split_texts(only_h, "train")) == {"a.h", "sys/b.h"}
+
+
 # ---------------------------------------------------------------- tokenizers
 
 TEXT = "def f(x):\n\treturn  x * 2  # dé日本 🙂\n\n    spaces   kept\n"
@@ -139,6 +199,49 @@ def test_sentencepiece_cached_and_reused(tmp_path, monkeypatch):
   monkeypatch.setattr(tok_lib, "train_sentencepiece", no_training)
   again = make_tokenizer(c)
   assert again.model_proto == first.model_proto
+
+
+def test_one_long_line_trains_the_tokenizer(tmp_path):
+  """A file of one 350 KB line: SentencePiece reads lines of at most 4 KB,
+  so the line is split into pieces rather than cut to its first 4 KB (which
+  holds too few merges for 4096 pieces)."""
+  rng = np.random.default_rng(0)
+  words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 9)))
+           for _ in range(3000)]
+  line = " ".join(rng.choice(words, 60000))
+  tok = tok_lib.train_sentencepiece([line], 4096)
+  assert tok.vocab_size == 4096 and tok.decode(tok.encode(line[:5000])) == line[:5000]
+  with pytest.raises(ValueError, match=r"could not train 4096 pieces .*\(1 lines, 4097 "
+                     r"bytes of text\).*data.vocab_size"):
+    tok_lib.train_sentencepiece([line[:4096]], 4096)  # what the first 4 KB gives
+
+
+def test_too_little_text_for_the_vocabulary_says_how_much_there_was():
+  with pytest.raises(ValueError, match=r"data.vocab_size=1024: .*\(3 lines, 45 bytes of "
+                     r"text\).*Vocabulary size too high"):
+    tok_lib.train_sentencepiece(["tiny text here\n" * 3], 1024)
+
+
+def test_damaged_cached_tokenizer_is_trained_again(tmp_path, caplog):
+  write_corpus(tmp_path / "text", n_files=40, words=(50, 200))
+  c = make_config(tmp_path, tmp_path / "text", tokenizer="sentencepiece", vocab_size=320)
+  c.model.vocab_size = 320
+  first = make_tokenizer(c)
+  [path] = [os.path.join(p, f) for p, _, fs in os.walk(tmp_path / "cache") for f in fs
+            if f.endswith(".model")]
+  open(path, "wb").close()  # emptied (a full disk, a crash)
+  with caplog.at_level(logging.WARNING):
+    again = make_tokenizer(c)
+  assert "cached tokenizer is damaged" in caplog.text and "is empty" in caplog.text
+  assert "vocab_size=0" not in caplog.text
+  assert again.model_proto == first.model_proto and os.path.getsize(path) > 0
+
+
+def test_empty_tokenizer_file_is_named_as_such(tmp_path):
+  (tmp_path / "spm.model").write_bytes(b"")
+  with pytest.raises(ValueError, match=r"data.tokenizer_path: .*spm.model' is empty, not a "
+                     r"SentencePiece model"):
+    tok_lib.load_sentencepiece(str(tmp_path / "spm.model"), 320)
 
 
 def test_tokenizer_file_with_other_vocab_size_is_refused(tmp_path):
@@ -270,13 +373,22 @@ def _no_text_files(root):
   return root / "text"
 
 
-@pytest.mark.parametrize("make_dir,error,pattern", [
-    (_missing, FileNotFoundError, r"data.text_dir.*nope.*does not exist"),
-    (_empty, ValueError, r"data.text_dir.*text.*is empty"),
-    (_no_text_files, ValueError, r"no text files matching \*\.txt"),
-], ids=["missing_directory", "empty_directory", "no_text_files"])
-def test_bad_text_dir(tmp_path, make_dir, error, pattern):
-  c = make_config(tmp_path, make_dir(tmp_path))
+def _broken_link_only(root):
+  (root / "text").mkdir()
+  os.symlink(root / "gone.txt", root / "text" / "link.txt")
+  return root / "text"
+
+
+@pytest.mark.parametrize("make_dir,glob,error,pattern", [
+    (_missing, "", FileNotFoundError, r"data.text_dir.*nope.*does not exist"),
+    (_empty, "", ValueError, r"data.text_dir.*text.*is empty"),
+    (_no_text_files, "", ValueError, r"all 1 files in .* skipped \(1 binary or not UTF-8\)"),
+    (_no_text_files, "*.txt", ValueError, r"no files matching \*\.txt \(data.file_glob\)"),
+    (_broken_link_only, "", ValueError, r"all 1 files .* skipped \(1 unreadable .*link.txt"),
+], ids=["missing_directory", "empty_directory", "only_binary", "no_file_matches",
+        "only_a_broken_link"])
+def test_bad_text_dir(tmp_path, make_dir, glob, error, pattern):
+  c = make_config(tmp_path, make_dir(tmp_path), file_glob=glob)
   with pytest.raises(error, match=pattern):
     make_loader(c, process_index=0, process_count=1)
   assert_nothing_built(tmp_path / "cache")
@@ -375,4 +487,10 @@ def test_prepared_named_dataset_is_read(tmp_path):
     assert docs == {f"sentence number {i} é" for i in ids}
   c.data.text_key = "text"
   with pytest.raises(ValueError, match=r"data.text_key='text'.*\['sentence'\]"):
+    make_loader(c, process_index=0, process_count=1)
+  c.data.text_key = "sentence"
+  builder = tfds.builder("dsmoe_test_lines", data_dir=data_dir)
+  shard = str(builder.info.splits["test"].filepaths[0])
+  os.remove(shard)
+  with pytest.raises(FileNotFoundError, match=rf"incomplete: {shard} is missing"):
     make_loader(c, process_index=0, process_count=1)

@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from conftest import load_config, small_config
 from dsmoe import config as config_lib
@@ -166,6 +168,32 @@ def test_interval_averages_by_hand():
   assert out["mfu"] == pytest.approx(0.5) and out["steps_in_interval"] == 3
 
 
+def test_truncate_jsonl_keeps_good_lines_after_a_bad_one(tmp_path):
+  good = [{"step": 1, "loss": 3}, {"step": 2, "loss": 2}, {"step": 3, "loss": 1},
+          {"step": 3, "eval_loss": 1.5}]
+  lines = [json.dumps(r) for r in good]
+  path = tmp_path / "m.jsonl"
+  path.write_text("\n".join([lines[0], '{"step": 2, "lo', lines[1], "not json", lines[2],
+                             '["a list"]', lines[3], '{"step": 9, "loss": 0}']) + "\n")
+  assert metrics.truncate_jsonl(str(path), 3) == (1, 3)  # (later, bad)
+  assert [json.loads(l) for l in path.read_text().splitlines()] == good
+  assert metrics.read_jsonl(str(path)) == good
+
+
+def test_metric_writer_writes_each_line_in_one_call(tmp_path, monkeypatch, capsys):
+  """Resume skips (and reports) a bad line; each record is one os.write."""
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\ngarbage\n')
+  calls = []
+  real_write = os.write
+  monkeypatch.setattr(metrics.os, "write", lambda fd, b: calls.append(b) or real_write(fd, b))
+  writer = metrics.MetricWriter(str(tmp_path), resume_step=1, enabled=True)
+  writer.write({"step": 2, "loss": 1.0, "name": "x" * 10000})
+  writer.close()
+  assert "skipped 1 unreadable line(s)" in capsys.readouterr().out
+  assert len(calls) == 1 and calls[0].endswith(b"\n") and calls[0].count(b"\n") == 1
+  assert [r["step"] for r in metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1, 2]
+
+
 def test_truncate_jsonl_drops_later_and_cut_lines(tmp_path):
   path = tmp_path / "m.jsonl"
   path.write_text('{"step": 1, "loss": 3}\n{"step": 2, "loss": 2}\n{"step": 2, "eval_loss": 2}\n'
@@ -217,11 +245,12 @@ def test_30_steps_lower_the_loss(tmp_path):
 
 
 class _PoisonedLoader:
-  """Wraps the real loader; batch number `bad` gets out-of-vocabulary targets
-  (the gather of a NaN-filled log-probability makes the loss NaN)."""
+  """Wraps the real loader; batch number `bad` (or each of a set) gets
+  out-of-vocabulary targets (the gather of a NaN-filled log-probability makes
+  the loss NaN)."""
 
   def __init__(self, real, bad):
-    self.real, self.bad = real, bad
+    self.real, self.bad = real, {bad} if isinstance(bad, int) else set(bad)
 
   def __call__(self, config, split="train", **kw):
     loader, bad = self.real(config, split, **kw), self.bad
@@ -237,15 +266,16 @@ class _PoisonedLoader:
 
       def __next__(self):
         batch, self.n = dict(next(self.it)), self.n + 1
-        if self.n == bad:
+        if self.n in bad:
           batch["targets"] = np.full_like(batch["targets"], 10**6)
         return batch
 
-      def get_state(self):
-        return self.it.get_state()
+      def get_state(self):  # the count rewinds too (the preflight reads a batch)
+        return {"inner": self.it.get_state(), "n": self.n}
 
       def set_state(self, s):
-        self.it.set_state(s)
+        self.it.set_state(s["inner"])
+        self.n = s["n"]
 
     class L:
       def __iter__(self):
@@ -265,12 +295,73 @@ def test_nonfinite_loss_stops_without_a_new_checkpoint(tmp_path, monkeypatch):
 def test_skip_nonfinite_skips_and_counts(tmp_path, monkeypatch):
   monkeypatch.setattr(loop, "make_loader", _PoisonedLoader(loop.make_loader, bad=3))
   config = small_config(**{"train.steps": 5, "train.checkpoint_every": 5,
-                           "train.skip_nonfinite": True})
+                           "train.skip_nonfinite": True, "train.max_skipped_fraction": 0.2})
   out = loop.train_and_evaluate(config, tmp_path)
   with open(tmp_path / "metrics.jsonl") as f:
     recs = [json.loads(l) for l in f]
   assert [r["skipped_steps"] for r in recs if "loss" in r] == [0, 0, 1, 1, 1]
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(out["state"]["params"]))
+
+
+def test_too_many_skipped_steps_fail_the_run(tmp_path, monkeypatch):
+  """train.max_skipped_fraction=0.1 of 10 steps allows 1 skip: the second
+  (batch 5) stops the run before step 5's state is saved."""
+  monkeypatch.setattr(loop, "make_loader", _PoisonedLoader(loop.make_loader, bad=(3, 5)))
+  config = small_config(**{"train.steps": 10, "train.checkpoint_every": 2,
+                           "train.skip_nonfinite": True, "train.max_skipped_fraction": 0.1})
+  with pytest.raises(NonFiniteError, match=r"2 non-finite steps skipped by step 5, more "
+                     r"than train.max_skipped_fraction=0.1 .*checkpoints/4"):
+    loop.train_and_evaluate(config, tmp_path)
+  assert Checkpoints(tmp_path).all_steps() == [2, 4]
+  assert [s for s, _ in read_losses(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_diverged_parameters_are_never_saved(tmp_path):
+  """At learning rate 1e6 the parameters diverge within a few steps. Every
+  checkpoint the run leaves must still train: finite loss and gradient on a
+  batch (computed here with jax.value_and_grad of the model's cross-entropy)."""
+  config = small_config(**{"train.steps": 6, "train.checkpoint_every": 1,
+                           "train.learning_rate": 1e6, "train.warmup_steps": 0})
+  with pytest.raises(NonFiniteError, match=r"(not saving|stopping without saving)"):
+    loop.train_and_evaluate(config, tmp_path)
+  steps = Checkpoints(tmp_path).all_steps()
+  assert steps and max(steps) < 6
+  spec = config_lib.resolve(config)
+  tx = optimizer.make_optimizer(spec.train)
+  batch = next(iter(loop.make_loader(spec, "validation")))
+  for s in steps:
+    graphdef, state, _ = loop.checkpoint_lib.init_or_restore(
+        spec, tx, Checkpoints(tmp_path, read_only=True), loop.make_mesh(), None, s)
+
+    def ce(params):
+      logits, _ = nnx.merge(graphdef, params, state["rest"])(batch["inputs"],
+                                                             batch["segment_ids"])
+      return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                           batch["targets"][..., None], -1))
+    loss, grads = jax.jit(jax.value_and_grad(ce))(state["params"])
+    assert np.isfinite(float(loss)), s
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads)), s
+
+
+def test_nonfinite_updated_parameters_are_caught():
+  """An optimizer that returns infinite updates (the loss and gradient are
+  finite): the step is flagged and, with skip_nonfinite, the old parameters
+  are kept."""
+  config = config_lib.resolve(small_config())
+  inf_tx = optax.GradientTransformation(
+      lambda p: optax.EmptyState(),
+      lambda g, s, p=None: (jax.tree.map(lambda x: jnp.full_like(x, jnp.inf), g), s))
+  graphdef, old = step.init_state(config, inf_tx)
+  rng = np.random.default_rng(0)
+  batch = {k: rng.integers(0, 256, (4, 32), dtype=np.int32) for k in ("inputs", "targets")}
+  batch["segment_ids"] = np.ones((4, 32), np.int32)
+  new, m = jax.jit(lambda s, b: step.train_step(
+      s, b, graphdef=graphdef, tx=inf_tx, schedule=lambda c: 1.0, accum=1,
+      skip_nonfinite=True))(old, batch)
+  assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])
+  assert not bool(m["finite"]) and not bool(m["params_finite"])
+  assert int(new["skipped"]) == 1
+  jax.tree.map(np.testing.assert_array_equal, new["params"], old["params"])
 
 
 # ------------------------------------------------------- checkpoint errors

@@ -2,7 +2,10 @@
 
 The default corpus (``data.text_dir = ""``) is the Python standard library
 source of the running interpreter (``sysconfig.get_paths()["stdlib"]``, its
-``*.py`` files, without ``site-packages``), which every machine has.
+``*.py`` files, without ``site-packages``), which every machine has. A
+folder of the user's (``data.text_dir``) gives every regular file that holds
+UTF-8 text, or only those matching ``data.file_glob``; binary, empty and
+unreadable files are skipped and counted.
 
 Nothing here writes anything; :mod:`dsmoe.data.local_text` builds the TFDS
 dataset from what these functions return.
@@ -15,22 +18,25 @@ import fnmatch
 import hashlib
 import os
 import re
+import stat
 import sysconfig
 
 STDLIB_GLOBS = ("*.py",)
-DIR_GLOBS = ("*.txt", "*.md", "*.rst", "*.py")
-# Folders never read: installed packages and caches (not part of the stdlib).
+# Folders never read: installed packages, caches and version control.
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", ".git"})
 SPLITS = ("train", "validation")
 
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-  """The files of one text directory (paths relative to ``root``, sorted)."""
+  """The candidate files of one text directory (paths relative to ``root``,
+  sorted), and those that could not even be listed (broken symbolic links,
+  unreadable or special files)."""
   root: str
   files: tuple[str, ...]
-  globs: tuple[str, ...]
+  globs: tuple[str, ...]  # () : every regular file
   is_default: bool
+  unreadable: tuple[str, ...] = ()
 
   @property
   def slug(self) -> str:
@@ -47,16 +53,19 @@ def stdlib_root() -> str:
 
 
 def parse_globs(file_glob: str, is_default: bool) -> tuple[str, ...]:
-  """``"*.txt,*.md"`` -> ("*.txt", "*.md"); "" -> the default patterns."""
+  """``"*.txt,*.md"`` -> ("*.txt", "*.md"); "" -> the default: ``*.py`` for the
+  stdlib, () (every file that holds text) for a folder of the user's."""
   globs = tuple(g.strip() for g in file_glob.split(",") if g.strip())
-  return globs or (STDLIB_GLOBS if is_default else DIR_GLOBS)
+  return globs or (STDLIB_GLOBS if is_default else ())
 
 
 def list_corpus(text_dir: str, file_glob: str = "") -> Corpus:
-  """Lists the text files of `text_dir` ("" : the stdlib source).
+  """Lists the files of `text_dir` ("" : the stdlib source) matching `file_glob`.
 
   Raises FileNotFoundError for a missing directory and ValueError for an
-  empty one or one without files matching the patterns.
+  empty one or one without files matching the patterns. Entries that are
+  not regular files, or cannot be examined (a broken symbolic link, no
+  permission), are set aside in ``Corpus.unreadable``.
   """
   is_default = not text_dir
   root = os.path.abspath(text_dir or stdlib_root())
@@ -67,20 +76,30 @@ def list_corpus(text_dir: str, file_glob: str = "") -> Corpus:
                             "expected a directory of text files")
   if not os.path.isdir(root):
     raise ValueError(f"{key}: {root!r} is a file, expected a directory of text files")
-  found_any, files = False, []
+  found_any, files, unreadable = False, [], []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
     for name in filenames:
       found_any = True
-      if any(fnmatch.fnmatch(name, g) for g in globs):
-        files.append(os.path.relpath(os.path.join(dirpath, name), root))
+      if globs and not any(fnmatch.fnmatch(name, g) for g in globs):
+        continue
+      rel = os.path.relpath(os.path.join(dirpath, name), root)
+      (files if _regular(os.path.join(root, rel)) else unreadable).append(rel)
   if not found_any:
-    raise ValueError(f"{key}: directory {root!r} is empty; expected text files "
-                     f"matching {','.join(globs)}")
-  if not files:
-    raise ValueError(f"{key}: directory {root!r} has no text files matching "
-                     f"{','.join(globs)} (set data.file_glob to other patterns)")
-  return Corpus(root, tuple(sorted(files)), globs, is_default)
+    raise ValueError(f"{key}: directory {root!r} is empty; expected text files")
+  if not files and not unreadable:
+    raise ValueError(f"{key}: directory {root!r} has no files matching "
+                     f"{','.join(globs)} (data.file_glob); change data.file_glob, "
+                     "or set it to '' to read every text file")
+  return Corpus(root, tuple(sorted(files)), globs, is_default, tuple(sorted(unreadable)))
+
+
+def _regular(path: str) -> bool:
+  """A regular file (after following links) that this process may read."""
+  try:
+    return stat.S_ISREG(os.stat(path).st_mode) and os.access(path, os.R_OK)
+  except OSError:
+    return False
 
 
 def fingerprint(corpus: Corpus, *extra) -> str:
@@ -91,8 +110,11 @@ def fingerprint(corpus: Corpus, *extra) -> str:
   """
   h = hashlib.sha256(repr(extra).encode())
   for rel in corpus.files:
-    st = os.stat(os.path.join(corpus.root, rel))
-    h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    try:
+      st = os.stat(os.path.join(corpus.root, rel))
+      h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    except OSError:  # vanished since listing: hash it as absent
+      h.update(f"{rel}\0-\n".encode())
   return h.hexdigest()
 
 
@@ -103,10 +125,8 @@ def split_of(relpath: str, validation_percent: float) -> str:
   return "validation" if bucket < validation_percent * 100 else "train"
 
 
-def read_text(path: str) -> str | None:
-  """The UTF-8 text of `path`; None when empty, binary (NUL bytes) or not UTF-8."""
-  with open(path, "rb") as f:
-    raw = f.read()
+def decode_text(raw: bytes) -> str | None:
+  """The UTF-8 text of `raw`; None when empty, binary (NUL bytes) or not UTF-8."""
   if not raw or b"\x00" in raw:
     return None
   try:
@@ -115,17 +135,59 @@ def read_text(path: str) -> str | None:
     return None
 
 
-def readable_files(corpus: Corpus) -> tuple[tuple[str, ...], int]:
-  """(files that hold UTF-8 text, number skipped as empty/binary/non-UTF-8).
+def read_text(path: str) -> str | None:
+  """The UTF-8 text of `path`; None when empty, binary, not UTF-8 or unreadable."""
+  try:
+    with open(path, "rb") as f:
+      return decode_text(f.read())
+  except OSError:
+    return None
+
+
+@dataclasses.dataclass
+class Selection:
+  """Which candidate files hold text, and how many were skipped and why."""
+  files: tuple[str, ...]
+  binary: int = 0  # NUL bytes or not UTF-8
+  empty: int = 0
+  unreadable: tuple[str, ...] = ()
+
+  @property
+  def skipped(self) -> int:
+    return self.binary + self.empty + len(self.unreadable)
+
+  def summary(self) -> str:
+    parts = [f"{self.binary} binary or not UTF-8"] if self.binary else []
+    parts += [f"{self.empty} empty"] if self.empty else []
+    if self.unreadable:
+      parts.append(f"{len(self.unreadable)} unreadable (e.g. {self.unreadable[0]!r}: a "
+                   "broken link, no permission or not a regular file)")
+    return ", ".join(parts)
+
+
+def select_text_files(corpus: Corpus) -> Selection:
+  """Reads every candidate; keeps those holding UTF-8 text.
 
   Raises ValueError when no file remains.
   """
-  good = tuple(rel for rel in corpus.files
-               if read_text(os.path.join(corpus.root, rel)) is not None)
-  skipped = len(corpus.files) - len(good)
+  good, binary, empty, unreadable = [], 0, 0, list(corpus.unreadable)
+  for rel in corpus.files:
+    try:
+      with open(os.path.join(corpus.root, rel), "rb") as f:
+        raw = f.read()
+    except OSError:
+      unreadable.append(rel)
+      continue
+    if decode_text(raw) is not None:
+      good.append(rel)
+    elif raw:
+      binary += 1
+    else:
+      empty += 1
+  sel = Selection(tuple(good), binary, empty, tuple(unreadable))
+  matching = f" matching {','.join(corpus.globs)}" if corpus.globs else ""
   if not good:
     raise ValueError(
-        f"data.text_dir: all {skipped} files matching {','.join(corpus.globs)} "
-        f"in {corpus.root!r} were skipped as empty, binary or not UTF-8; "
-        "expected UTF-8 text files")
-  return good, skipped
+        f"data.text_dir: all {sel.skipped} files{matching} in {corpus.root!r} were "
+        f"skipped ({sel.summary()}); expected UTF-8 text files")
+  return sel

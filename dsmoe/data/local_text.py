@@ -11,7 +11,10 @@ reused::
         local_text-validation.array_record-00000-of-00001
 
 TFDS builds into a temporary ``incomplete.*`` folder and renames it when
-done, so an interrupted build leaves nothing that looks finished.
+done, so an interrupted build leaves nothing that looks finished. After a
+build, ``dsmoe_files.json`` records the size of every file of the folder;
+each later open compares them, and a folder with a missing or resized file
+(or no record) is deleted and built again.
 
 Features: ``text`` (the file's UTF-8 text) and ``path`` (relative path).
 The validation split holds the files whose path hash falls in the first
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import shutil
 
 import tensorflow_datasets as tfds
 
@@ -75,7 +80,8 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
 
 @contextlib.contextmanager
 def _quiet_tfds():
-  """Hides TFDS's warnings about custom (per-directory) builder configs."""
+  """Hides TFDS's warnings about custom (per-directory) builder configs and
+  about the folder of a build that is not finished yet."""
   absl_logger = logging.getLogger("absl")
   level = absl_logger.level
   absl_logger.setLevel(logging.ERROR)
@@ -85,13 +91,54 @@ def _quiet_tfds():
     absl_logger.setLevel(level)
 
 
+MANIFEST = "dsmoe_files.json"  # sizes of the built files, written after a build
+
+
+def _sizes(folder: str) -> dict[str, int]:
+  return {name: os.path.getsize(os.path.join(folder, name))
+          for name in sorted(os.listdir(folder))
+          if not name.startswith(MANIFEST) and os.path.isfile(os.path.join(folder, name))}
+
+
+def write_manifest(folder: str) -> None:
+  """Records the size of every file of a finished build (temp file + rename)."""
+  sizes = _sizes(folder)
+  tmp = os.path.join(folder, MANIFEST + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"sizes": sizes}, f, indent=1)
+  os.replace(tmp, os.path.join(folder, MANIFEST))
+
+
+def cache_problem(folder: str) -> str | None:
+  """Why the built dataset in `folder` cannot be used (a file missing or of
+  another size than when built), or None: intact, or not built at all."""
+  if not os.path.isdir(folder):
+    return None
+  try:
+    with open(os.path.join(folder, MANIFEST)) as f:
+      recorded = json.load(f)["sizes"]
+  except FileNotFoundError:
+    return f"{MANIFEST} is missing (an interrupted build, or one by an older dsmoe)"
+  except (OSError, ValueError, KeyError, TypeError):
+    return f"{MANIFEST} is unreadable"
+  for name, size in recorded.items():
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+      return f"{name} is missing"
+    if os.path.getsize(path) != size:
+      return f"{name} has {os.path.getsize(path)} bytes, {size} when it was built"
+  return None
+
+
 def local_text_builder(text_dir: str, data_dir: str, *, file_glob: str = "",
                        validation_percent: float = 5.0) -> LocalText:
   """Returns the prepared `local_text` builder of `text_dir`, building it if needed.
 
   Raises FileNotFoundError/ValueError (naming the directory) for a missing
-  or empty directory, no matching files, or no UTF-8 text at all. Files
-  that are empty, binary or not UTF-8 are skipped and counted in the log.
+  or empty directory, no matching files, or no UTF-8 text at all. Binary,
+  empty and unreadable files are skipped and counted in the log. A cached
+  build whose files do not match the sizes recorded when it was built is
+  rebuilt (one line in the log says so).
   """
   corpus = corpus_lib.list_corpus(text_dir, file_glob)
   fp = corpus_lib.fingerprint(corpus, corpus.globs, float(validation_percent), VERSION)
@@ -105,19 +152,29 @@ def local_text_builder(text_dir: str, data_dir: str, *, file_glob: str = "",
       return LocalText(config=cfg, data_dir=data_dir, file_format="array_record")
 
   builder = make(corpus.files)
-  if builder.is_prepared():
+  problem = cache_problem(builder.data_dir)
+  with _quiet_tfds():
+    prepared = builder.is_prepared()
+  if problem is None and prepared:
     return builder
-  files, skipped = corpus_lib.readable_files(corpus)
-  if skipped:
-    logging.warning("local_text: skipped %d of %d files in %s (empty, binary or "
-                    "not UTF-8)", skipped, len(corpus.files), corpus.root)
-  if all(corpus_lib.split_of(f, validation_percent) != "train" for f in files):
-    raise ValueError(f"data.validation_percent={validation_percent}: all {len(files)} "
+  if problem is not None:
+    logging.warning("local_text: the cached dataset %s is damaged (%s); building it "
+                    "again", builder.data_dir, problem)
+    shutil.rmtree(os.path.dirname(builder.data_dir))
+  sel = corpus_lib.select_text_files(corpus)
+  if sel.skipped:
+    logging.warning("local_text: skipped %d of %d files in %s: %s; using %d text files",
+                    sel.skipped, len(corpus.files) + len(corpus.unreadable), corpus.root,
+                    sel.summary(), len(sel.files))
+  if all(corpus_lib.split_of(f, validation_percent) != "train" for f in sel.files):
+    raise ValueError(f"data.validation_percent={validation_percent}: all {len(sel.files)} "
                      f"text files of {corpus.root!r} fall in the validation split; "
                      "add files or lower data.validation_percent")
-  builder = make(files)
-  logging.info("local_text: building %s (%d files) into %s", name, len(files),
+  builder = make(sel.files)
+  logging.info("local_text: building %s (%d files) into %s", name, len(sel.files),
                builder.data_dir)
   tfds.display_progress_bar(False)  # one line in the log instead of bars
-  builder.download_and_prepare()
+  with _quiet_tfds():  # no warnings about the (custom) folder it is building
+    builder.download_and_prepare()
+  write_manifest(builder.data_dir)
   return builder

@@ -13,6 +13,7 @@ import os
 
 import tensorflow_datasets as tfds
 
+from dsmoe import errors
 from dsmoe.data import local_text
 
 # A requested split -> the splits tried in order (first one that exists).
@@ -46,26 +47,45 @@ class Source:
   def data_source(self, split: str):
     """Random-access records of `split` (len() and [i] -> dict of features)."""
     try:
-      return self.builder.as_data_source(split=self.split_name(split))
+      records = self.builder.as_data_source(split=self.split_name(split))
     except NotImplementedError:
       raise ValueError(
           f"{self.key}: dataset {self.dataset_id!r} in {self.builder.data_dir!r} "
           "is not in the array_record format, which random access needs; prepare "
           "it again with file_format='array_record'") from None
+    fix = ("delete that folder to build it again" if self.key == "data.text_dir" else
+           "prepare the dataset again (see docs/DATA.md)")
+    return Records(records, f"{self.key}: the {split!r} split of {self.dataset_id!r} in "
+                   f"{self.builder.data_dir}", fix)
+
+
+class Records:
+  """A TFDS data source whose read errors (a damaged array_record file) are
+  one ValueError naming the dataset, its folder and what to do."""
+
+  def __init__(self, records, where: str, fix: str):
+    self._records, self._where, self._fix = records, where, fix
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index):
+    try:
+      return self._records[index]
+    except (RuntimeError, OSError) as e:
+      raise ValueError(f"{self._where}: record {index} cannot be read ({errors.short(e)}); "
+                       f"the files are damaged: {self._fix}") from e
 
 
 def prepare_help(name: str, data_dir: str) -> str:
-  """How to prepare a named TFDS dataset for offline use."""
+  """How to prepare a named TFDS dataset for offline use (one line)."""
   return (
-      f"On a machine with internet access run\n"
-      f"    python -c \"import tensorflow_datasets as tfds; tfds.builder("
-      f"'{name}', data_dir='{data_dir}', file_format='array_record')"
-      f".download_and_prepare()\"\n"
-      f"(or: tfds build {name} --data_dir={data_dir} --file_format=array_record),"
-      f" then copy that folder here and set data.data_dir to it. Datasets that "
-      f"need a manual download read their files from {data_dir}/downloads/manual "
-      f"(or download_and_prepare(download_config=tfds.download.DownloadConfig("
-      f"manual_dir=...))). See docs/DATA.md.")
+      f"on a machine with internet access run: python -c \"import tensorflow_datasets "
+      f"as tfds; tfds.builder('{name}', data_dir='{data_dir}', file_format='array_record')"
+      f".download_and_prepare()\" (or: tfds build {name} --data_dir={data_dir} "
+      f"--file_format=array_record), then copy that folder here and set data.data_dir "
+      f"to it; datasets that need a manual download read their files from "
+      f"{data_dir}/downloads/manual. See docs/DATA.md")
 
 
 def named_source(name: str, data_dir: str, text_key: str) -> Source:
@@ -81,7 +101,14 @@ def named_source(name: str, data_dir: str, text_key: str) -> Source:
   if not builder.is_prepared():
     raise FileNotFoundError(
         f"data.tfds_name={name!r} is not prepared in data.data_dir={data_dir!r}, "
-        f"and nothing is downloaded at run time. " + prepare_help(name, data_dir))
+        f"and nothing is downloaded at run time; " + prepare_help(name, data_dir))
+  missing = [str(p) for split in builder.info.splits.values() for p in split.filepaths
+             if not os.path.exists(p)]
+  if missing:
+    raise FileNotFoundError(
+        f"data.tfds_name={name!r}: the prepared copy in {builder.data_dir!r} is "
+        f"incomplete: {missing[0]} is missing ({len(missing)} file(s) in all); prepare "
+        "the dataset again (see docs/DATA.md)")
   features = builder.info.features
   if text_key not in features:
     raise ValueError(f"data.text_key={text_key!r}: dataset {name!r} has no such "

@@ -24,7 +24,7 @@ import numpy as np
 import sentencepiece as spm
 
 TOKENIZERS = ("sentencepiece", "bytes")
-MAX_LINE_BYTES = 4096  # longer training lines are cut (SentencePiece's limit)
+MAX_LINE_BYTES = 4096  # longer training lines are split (SentencePiece's limit)
 
 
 class ByteTokenizer:
@@ -64,16 +64,47 @@ class SentencePieceTokenizer:
     self.__init__(state["model_proto"])
 
 
-def _training_lines(texts: Iterable[str], sample_bytes: int) -> Iterator[str]:
-  """Non-empty lines of `texts` (cut to MAX_LINE_BYTES) until `sample_bytes`."""
-  seen = 0
+class _Sample:
+  """Lines fed to SentencePiece, and how much text they hold (for errors)."""
+
+  def __init__(self):
+    self.lines = self.bytes = self.long_lines = 0
+
+  def describe(self) -> str:
+    long = (f"; {self.long_lines} line(s) longer than {MAX_LINE_BYTES} bytes were "
+            "split into pieces" if self.long_lines else "")
+    size = f"{self.bytes} bytes" if self.bytes < 10240 else f"{self.bytes // 1024} KB"
+    return f"{self.lines} lines, {size} of text{long}"
+
+
+def _pieces(line: str) -> Iterator[str]:
+  """`line` in pieces of at most MAX_LINE_BYTES UTF-8 bytes (SentencePiece's
+  limit), cut between characters."""
+  raw = line.encode("utf-8")
+  start = 0
+  while start < len(raw):
+    end = min(start + MAX_LINE_BYTES, len(raw))
+    while end < len(raw) and raw[end] & 0xC0 == 0x80:  # a continuation byte
+      end -= 1
+    yield raw[start:end].decode("utf-8")
+    start = end
+
+
+def _training_lines(texts: Iterable[str], sample_bytes: int,
+                    sample: _Sample | None = None) -> Iterator[str]:
+  """Non-empty lines of `texts` (long ones split) until `sample_bytes`."""
+  sample = sample or _Sample()
   for text in texts:
     for line in text.split("\n"):
-      if line.strip():
-        line = line.encode("utf-8")[:MAX_LINE_BYTES].decode("utf-8", "ignore")
-        seen += len(line) + 1
-        yield line
-    if seen >= sample_bytes:
+      if not line.strip():
+        continue
+      if len(line.encode("utf-8")) > MAX_LINE_BYTES:
+        sample.long_lines += 1
+      for piece in _pieces(line):
+        sample.lines += 1
+        sample.bytes += len(piece.encode("utf-8")) + 1
+        yield piece
+    if sample.bytes >= sample_bytes:
       return
 
 
@@ -83,10 +114,10 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, pad_id: int = 
   """Trains a BPE SentencePiece model on the lines of `texts` (in memory)."""
   specials = {pad_id, bos_id, eos_id}
   unk_id = min(i for i in range(4) if i not in specials)
-  out = io.BytesIO()
+  out, sample = io.BytesIO(), _Sample()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(texts, sample_bytes), model_writer=out,
+        sentence_iterator=_training_lines(texts, sample_bytes, sample), model_writer=out,
         model_type="bpe", vocab_size=vocab_size, pad_id=pad_id, bos_id=bos_id,
         eos_id=eos_id, unk_id=unk_id, byte_fallback=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -96,10 +127,12 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, pad_id: int = 
         max_sentence_length=MAX_LINE_BYTES * 4, num_threads=os.cpu_count() or 1,
         minloglevel=2)
   except RuntimeError as e:
-    raise ValueError(f"data.vocab_size={vocab_size}: SentencePiece training failed "
-                     f"({e}); the sample may be too small for this vocabulary "
-                     "(the BPE needs 256 byte pieces + specials + merges), or use "
-                     "data.tokenizer='bytes'") from None
+    reason = " ".join(str(e).split()).rstrip(".")
+    raise ValueError(
+        f"data.vocab_size={vocab_size}: SentencePiece could not train {vocab_size} "
+        f"pieces on the training text it was given ({sample.describe()}): {reason}. "
+        "Use more training text, a smaller data.vocab_size (>= 300), or "
+        "data.tokenizer='bytes'") from None
   return SentencePieceTokenizer(out.getvalue())
 
 
@@ -110,10 +143,14 @@ def load_sentencepiece(path: str, vocab_size: int, key: str = "data.tokenizer_pa
     raise FileNotFoundError(f"{key}: SentencePiece model {path!r} does not exist")
   with open(path, "rb") as f:
     proto = f.read()
+  if not proto:
+    raise ValueError(f"{key}: {path!r} is empty, not a SentencePiece model")
   try:
     tok = SentencePieceTokenizer(proto)
   except (RuntimeError, OSError) as e:
     raise ValueError(f"{key}: {path!r} is not a SentencePiece model ({e})") from None
+  if tok.vocab_size == 0:
+    raise ValueError(f"{key}: {path!r} is not a SentencePiece model (no pieces)")
   if tok.vocab_size != vocab_size:
     raise ValueError(f"{key}: SentencePiece model {path!r} has {tok.vocab_size} "
                      f"pieces but data.vocab_size={vocab_size}; set data.vocab_size="
@@ -137,9 +174,17 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 def cached_sentencepiece(path: str, train_texts: Callable[[], Iterable[str]],
                          vocab_size: int, **train_kwargs) -> SentencePieceTokenizer:
-  """Loads the model at `path`, or trains it on `train_texts()` and saves it there."""
+  """Loads the model at `path`, or trains it on `train_texts()` and saves it there.
+
+  A cached file that is empty, unreadable or of another size than its name
+  says (a damaged cache) is trained again, with one line in the log.
+  """
   if os.path.exists(path):
-    return load_sentencepiece(path, vocab_size, key=f"cached tokenizer {path!r}")
+    try:
+      return load_sentencepiece(path, vocab_size, key="cached tokenizer")
+    except ValueError as e:
+      logging.warning("tokenizer: the cached tokenizer is damaged (%s); training it "
+                      "again", e)
   logging.info("tokenizer: training SentencePiece BPE (%d pieces) -> %s", vocab_size, path)
   tok = train_sentencepiece(train_texts(), vocab_size, **train_kwargs)
   _write_atomic(path, tok.model_proto)

@@ -8,7 +8,9 @@ temporary directory and renames it when complete, and deletes an old one
 only after a newer one is complete, so the workdir always keeps its last
 good checkpoint. Restores check every array's shape and dtype against the
 config first and raise one :class:`CheckpointError` naming the checkpoint
-and the mismatch.
+and the mismatch. A save that fails (a full disk, ...) raises one
+:class:`CheckpointError` too, at the next :meth:`Checkpoints.check`, save or
+wait, naming the last good checkpoint, which stays.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dsmoe import errors
 from dsmoe.train import step as step_lib
 
 
@@ -83,6 +86,7 @@ class Checkpoints:
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler()})
+    self._pending = None  # step of an asynchronous save not yet waited for
 
   def path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -95,16 +99,52 @@ class Checkpoints:
 
   def save(self, step: int, state, data_state, log_interval: dict | None = None) -> None:
     """Starts an asynchronous save of `state`, every process's data state and
-    the unfinished logging interval."""
+    the unfinished logging interval.
+
+    Raises CheckpointError if this or the previous save fails (disk full, ...),
+    naming the last good checkpoint, which is kept.
+    """
     data = {"iterators": _gather_json(data_state), "log_interval": log_interval or {}}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
+    self.wait()  # a failed previous save is reported as that save's error
+    self._pending = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
+    except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise anything
+      raise self._save_failed(step, e) from e
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the asynchronous save; CheckpointError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._save_failed(self._pending, e) from e
+    self._pending = None
+
+  def check(self) -> None:
+    """Raises CheckpointError at once if an asynchronous save has failed."""
+    in_progress = getattr(self.manager, "is_saving_in_progress", None)  # newer Orbax
+    if self._pending is not None and in_progress is not None and not in_progress():
+      self.wait()
+
+  def _save_failed(self, step: int | None, e: Exception) -> CheckpointError:
+    self._pending = None
+    where = self.path(step) if step is not None else self.directory
+    good = [s for s in self.all_steps() if s != step and os.path.isdir(self.path(s))]
+    kept = (f"the last good checkpoint {self.path(max(good))} is kept" if good else
+            "there is no earlier checkpoint")
+    if errors.is_disk_full(e):
+      return CheckpointError(
+          f"disk full: saving checkpoint {where} failed, no space left on the device "
+          f"of {self.directory}; {kept}. Free some space and run again to resume")
+    return CheckpointError(f"saving checkpoint {where} failed: {errors.short(e)}; {kept}")
 
   def close(self) -> None:
-    self.manager.close()
+    """Waits for the last save (CheckpointError if it failed), then closes."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
   def restore(self, abstract_state, step: int | None = None):
     """(state, data) of `step` (default: latest); data as saved by :meth:`save`.
@@ -121,7 +161,7 @@ class Checkpoints:
       saved = self.manager.item_metadata(step)["state"]
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is one error
       raise CheckpointError(f"checkpoint {where} is unreadable (truncated or "
-                            f"corrupt?): {type(e).__name__}: {e}") from e
+                            f"corrupt?): {errors.short(e)}") from e
     mismatch = describe_mismatch(getattr(saved, "tree", saved), abstract_state)
     if mismatch:
       raise CheckpointError(f"checkpoint {where} does not match the config: {mismatch}")
@@ -130,7 +170,7 @@ class Checkpoints:
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f"checkpoint {where} cannot be restored (truncated or "
-                            f"corrupt?): {type(e).__name__}: {e}") from e
+                            f"corrupt?): {errors.short(e)}") from e
     return out["state"], out["data"]
 
 

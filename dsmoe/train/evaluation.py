@@ -21,9 +21,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsmoe import config as config_lib
+from dsmoe import errors
 from dsmoe.data.evalset import EvalSet, make_eval_set, mean_and_se
+from dsmoe.errors import WorkdirError
 from dsmoe.train import checkpoint as checkpoint_lib
 from dsmoe.train import optimizer as optimizer_lib
+from dsmoe.train import preflight
 from dsmoe.train.mesh import global_batch, make_mesh
 
 DOCUMENTS_FILE = "eval_documents.json"  # per-document results of the final evaluation
@@ -94,29 +97,36 @@ def evaluate(config, graphdef, state, mesh, *, full: bool = False,
                            num_batches=None if full else config.train.eval_batches)
   fingerprint = eval_set.fingerprint[:16]
   if documents_path and jax.process_index() == 0:
-    with open(documents_path, "w") as f:
-      json.dump({"eval_set": fingerprint, "names": list(eval_set.names),
-                 "loss_sum": loss_d.tolist(), "tokens": tokens_d.tolist()}, f)
+    _write_json(documents_path, {"eval_set": fingerprint, "names": list(eval_set.names),
+                                 "loss_sum": loss_d.tolist(), "tokens": tokens_d.tolist()})
   return {**summary(loss_d, tokens_d, full=full), "eval_set": fingerprint}
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
-                        full: bool | None = None) -> dict:
+                        full: bool | None = None, output: str | None = None) -> dict:
   """Evaluates checkpoint `step` (default: latest) of `workdir`.
 
   `full` (default: `train.eval_full_at_end`) scores the whole evaluation set.
-  Writes ``<workdir>/eval_step<N>.json`` (process 0) and returns its content.
-  Raises CheckpointError when the checkpoint is missing or does not match.
+  Writes the result to `output` (default ``<workdir>/eval_step<N>.json``,
+  process 0) and returns it with its "path". The output folder is checked to
+  be writable before anything is computed; if the write still fails, the
+  error holds the result. Raises CheckpointError when the checkpoint is
+  missing or does not match.
   """
   config = config_lib.resolve(config)
   full = config.train.eval_full_at_end if full is None else full
+  workdir = os.path.abspath(workdir)
+  out_dir = os.path.dirname(os.path.abspath(output)) if output else workdir
+  if jax.process_index() == 0 and os.path.isdir(os.path.join(workdir, "checkpoints")):
+    preflight.check_writable(out_dir, what="output folder", hint="give --output=PATH "
+                             "(evaluate.py) to write the result elsewhere")
   graphdef, state, ckpt = restore_params(config, workdir, step)
   result = {"step": int(state["step"]), "checkpoint": ckpt,
             **evaluate(config, graphdef, state, make_mesh(config.mesh), full=full)}
-  path = os.path.join(os.path.abspath(workdir), f"eval_step{result['step']}.json")
+  path = os.path.abspath(output) if output else os.path.join(
+      workdir, f"eval_step{result['step']}.json")
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(result, f, indent=1)
+    _write_json(path, result, what="result")
   result["path"] = path
   return result
 
@@ -132,12 +142,20 @@ def restore_params(config, workdir: str, step: int | None = None):
     raise checkpoint_lib.CheckpointError(f"no checkpoints in {workdir}/checkpoints")
   ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
   tx = optimizer_lib.make_optimizer(config.train)
-  try:
+  with errors.closing(ckpts.close):
     step = ckpts.latest_step() if step is None else step
     if step is None:
       raise checkpoint_lib.CheckpointError(f"no checkpoints in {ckpts.directory}")
     graphdef, state, _ = checkpoint_lib.init_or_restore(
         config, tx, ckpts, make_mesh(config.mesh), None, step)
-  finally:
-    ckpts.close()
   return graphdef, state, ckpts.path(int(state["step"]))
+
+
+def _write_json(path: str, obj: dict, what: str = "") -> None:
+  """Writes `obj`; on failure one WorkdirError (holding the result if `what`)."""
+  try:
+    with open(path, "w") as f:
+      json.dump(obj, f, indent=1)
+  except OSError as e:
+    held = f"; the {what} was {json.dumps(obj)}" if what else ""
+    raise WorkdirError(f"{errors.describe_os_error(e)}{held}") from e

@@ -2,11 +2,13 @@
 
 Only process 0 writes. ``metrics.jsonl`` holds one JSON object per logged
 step; on resume from checkpoint step S the lines with step > S are dropped
-(atomically) so the log equals the log of an uninterrupted run.
+(atomically) so the log equals the log of an uninterrupted run. Unreadable
+lines are skipped and counted, never the good lines after them.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -93,40 +95,79 @@ class Interval:
     return out
 
 
-def truncate_jsonl(path: str, last_step: int) -> None:
-  """Keeps the lines with step <= last_step (write to a temp file, then rename)."""
+def _parse(line: str) -> dict | None:
+  """The JSON object of one metrics line with an integer "step", else None."""
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return None
+  if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+    return None
+  return record
+
+
+def truncate_jsonl(path: str, last_step: int) -> tuple[int, int]:
+  """Keeps the lines with step <= last_step; returns (lines dropped because
+  they came after `last_step`, unreadable lines skipped).
+
+  Unreadable lines (cut by a kill, or damaged) are skipped and counted; the
+  good lines around them are all kept. The file is rewritten (temp file,
+  fsync, rename) only when something is dropped.
+  """
   if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [ln for ln in f if ln.strip()]
-  keep = []
-  for ln in lines:
-    try:
-      if json.loads(ln)["step"] <= last_step:
-        keep.append(ln)
-    except (ValueError, KeyError):
-      break  # a line cut by a kill: drop it and everything after
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+    return 0, 0
+  with open(path, "rb") as f:
+    raw = f.read()
+  keep, later, bad = [], 0, 0
+  for line in raw.decode("utf-8", errors="replace").splitlines():
+    if not line.strip():
+      continue
+    record = _parse(line)
+    if record is None:
+      bad += 1
+    elif record["step"] <= last_step:
+      keep.append(line + "\n")
+    else:
+      later += 1
+  if later or bad or (raw and not raw.endswith(b"\n")):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  return later, bad
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(ln) for ln in f if ln.strip()]
+  """The records of a metrics file; unreadable lines are skipped."""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    return [r for r in map(_parse, f) if r is not None]
 
 
 class MetricWriter:
-  """metrics.jsonl and TensorBoard event files (scalars) in `workdir`."""
+  """metrics.jsonl and TensorBoard event files (scalars) in `workdir`.
+
+  Each record is one line, written with a single ``write`` call on a file
+  opened for appending, so a kill leaves at most one cut line at the end
+  (skipped on resume) and never mixes two records. :meth:`sync` (called
+  with each checkpoint save) and :meth:`close` fsync the file; not every
+  line, since on a bucket mounted with gcsfuse each fsync uploads the file.
+  """
 
   def __init__(self, workdir: str, *, resume_step: int, enabled: bool):
     self.enabled = enabled
     self.path = os.path.join(workdir, METRICS_FILE)
     self.tb = None
+    self._fd = None
     if not enabled:
       return
-    truncate_jsonl(self.path, resume_step)
+    later, bad = truncate_jsonl(self.path, resume_step)
+    if bad:
+      print(f"{self.path}: skipped {bad} unreadable line(s); kept every readable "
+            f"line up to step {resume_step}", flush=True)
+    del later  # lines of steps after the checkpoint: logged again by this run
+    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -142,17 +183,30 @@ class MetricWriter:
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = (json.dumps(record) + "\n").encode()
+    written = os.write(self._fd, line)
+    if written != len(line):  # only on a full disk; the cut line is skipped on resume
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
     if self.tb is not None:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)):
           self.tb.add_scalar(k, v, record["step"])
       self.tb.flush()
 
+  def sync(self) -> None:
+    if self._fd is not None:
+      os.fsync(self._fd)
+
   def close(self) -> None:
+    if self._fd is not None:
+      fd, self._fd = self._fd, None
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
     if self.tb is not None:
       self.tb.close()
+      self.tb = None
 
 
 def measure_peak_flops(n: int = 1024, reps: int = 5) -> float:

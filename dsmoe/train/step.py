@@ -3,7 +3,8 @@
 The training state is a plain dict pytree (what Orbax saves):
 
     {"step": int32 [],            updates done so far
-     "skipped": int32 [],         non-finite updates skipped (train.skip_nonfinite)
+     "skipped": int32 [],         non-finite updates skipped (train.skip_nonfinite):
+                                  a non-finite loss, gradient or updated parameter
      "params": {...},             nnx.Param values as a pure dict (float32 master)
      "rest": {...},               any other model variables (pure dict)
      "opt_state": ...}            Optax state over "params"
@@ -101,6 +102,11 @@ def global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def all_finite(tree) -> jax.Array:
+  """True when no leaf of `tree` holds a NaN or an infinity."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _select(ok, new, old):
   return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
@@ -117,12 +123,15 @@ def train_step(state, batch, *, graphdef, tx, schedule, accum: int, skip_nonfini
     finite &= jnp.isfinite(v)
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   new_params = optax.apply_updates(params, updates)
+  params_finite = all_finite(new_params)  # an update can overflow finite inputs
+  finite &= params_finite
   if skip_nonfinite:
     new_params = _select(finite, new_params, params)
     opt_state = _select(finite, opt_state, state["opt_state"])
   new_state = dict(state, step=state["step"] + 1, params=new_params, opt_state=opt_state,
                    skipped=state["skipped"] + (~finite).astype(jnp.int32))
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+             "params_finite": params_finite,
              "skipped": new_state["skipped"],
              "learning_rate": schedule(state["step"]), "tokens": n_tokens,
              **{f"aux/{k}": v for k, v in aux_losses.items()}}
@@ -132,10 +141,17 @@ def train_step(state, batch, *, graphdef, tx, schedule, accum: int, skip_nonfini
   return new_state, metrics
 
 
-def eval_step(params, rest, batch, *, graphdef):
-  """{"ce_sum", "tokens"} of one batch, MoE in evaluation mode."""
-  ce_sum, n, _ = _forward(graphdef, params, rest, batch, train=False)
-  return {"ce_sum": ce_sum, "tokens": n}
+def probe_step(params, rest, batch, *, graphdef, accum: int):
+  """Loss, gradient norm and whether both (and the aux losses) are finite, of
+  `params` on `batch`, without an update: the loop checks that a state it is
+  about to save can still train (a diverged model can have finite
+  parameters and loss but non-finite gradients)."""
+  grads, ce_sum, n_tokens, aux = _grads(graphdef, params, rest, batch, accum)
+  loss, grad_norm = ce_sum / n_tokens, global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  for v in aux["losses"].values():
+    finite &= jnp.isfinite(v)
+  return {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
 def jit_train_step(config: Spec, graphdef, tx):
@@ -147,6 +163,6 @@ def jit_train_step(config: Spec, graphdef, tx):
   return jax.jit(fn, donate_argnums=0)
 
 
-def jit_eval_step(graphdef):
-  return jax.jit(functools.partial(eval_step, graphdef=graphdef))
-
+def jit_probe_step(config: Spec, graphdef):
+  return jax.jit(functools.partial(probe_step, graphdef=graphdef,
+                                   accum=config.train.grad_accum_steps))

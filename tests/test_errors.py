@@ -1,0 +1,271 @@
+"""Every expected failure of scripts/train.py and scripts/evaluate.py, run as a
+process the way a user meets it: the exit status is not 0, the last line of
+the output (stdout and stderr together, in order) is the one ``error: ...``
+line naming the key or path, there is no traceback, and nothing in the
+workdir was lost or changed (every file compared by hash before and after).
+
+Most cases stop before anything is compiled, so each costs a few seconds;
+one small reference run (2 steps) is shared. The disk cases mount a small
+tmpfs (skipped, with the reason, where mounting is not allowed).
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, SMALL
+from dsmoe.train import checkpoint
+
+RUN = {"train.steps": 2, "train.checkpoint_every": 1}
+
+
+def _cmd(script, workdir, overrides, *extra, config=f"{ROOT}/configs/tiny.py"):
+  flags = [f"--config.{k}={v}" for k, v in {**SMALL, **overrides}.items()]
+  return [sys.executable, str(ROOT / "scripts" / script), f"--config={config}",
+          f"--workdir={workdir}", *flags, *extra]
+
+
+def _run(cmd, env=None, timeout=300):
+  extra = env or {}
+  env = {k: v for k, v in os.environ.items() if k != "DSMOE_DEBUG"}
+  env.update({"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **extra})
+  return subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def _error(res, *needles, code=1) -> str:
+  """The one error line of a failed run; checks status, position, no traceback."""
+  out = res.stdout
+  assert res.returncode == code, out[-3000:]
+  lines = out.rstrip("\n").split("\n")
+  assert lines[-1].startswith("error: "), out[-3000:]
+  assert sum(line.startswith("error: ") for line in lines) == 1, out[-3000:]
+  assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
+  for needle in needles:
+    assert needle in lines[-1], lines[-1]
+  return lines[-1]
+
+
+def _snapshot(folder) -> dict:
+  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """A finished 2-step run with checkpoints 1 and 2."""
+  workdir = tmp_path_factory.mktemp("reference") / "run"
+  res = _run(_cmd("train.py", workdir, RUN))
+  assert res.returncode == 0, res.stdout[-3000:]
+  return workdir
+
+
+@pytest.fixture
+def workdir(reference, tmp_path):
+  """A copy of the reference run; the test checks it is unchanged after."""
+  copy = tmp_path / "run"
+  shutil.copytree(reference, copy)
+  before = _snapshot(copy)
+  yield copy
+  assert _snapshot(copy) == before
+
+
+# ---------------------------------------------------------------- command line
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--config.train.setps=3"], ["--config.train.setps: unknown config key "
+                                  "config.train.setps (did you mean config.train.steps?)"]),
+    (["--config.modle.moe.top_k=2"], ["unknown config key config.modle.moe.top_k (did you "
+                                      "mean config.model.moe.top_k?)"]),
+    (["--config.train.foo=3"], ["unknown config key config.train.foo (the keys are in"]),
+    (["--config.train.steps=abc"], ["--config.train.steps=abc", "invalid literal"]),
+    (["--config=/nope/cfg.py"], ["--config: config file '/nope/cfg.py' does not exist"]),
+    (["--wrokdir=x"], ["unknown flag --wrokdir (did you mean --workdir?)"]),
+], ids=["typo_in_key", "typo_in_parent", "unknown_key", "bad_value", "missing_config_file",
+        "unknown_flag"])
+def test_command_line_mistake_is_one_line(tmp_path, args, needles):
+  res = _run(_cmd("train.py", tmp_path / "run", RUN, *args))
+  _error(res, *needles, code=2)
+  assert not (tmp_path / "run").exists()
+
+
+def test_missing_workdir_flag(tmp_path):
+  cmd = [c for c in _cmd("evaluate.py", tmp_path, RUN) if not c.startswith("--workdir")]
+  _error(_run(cmd), "--workdir is required", code=2)
+
+
+def test_invalid_config_value_is_one_line(tmp_path):
+  _error(_run(_cmd("train.py", tmp_path / "run", {**RUN, "train.steps": -1})),
+         "config.train.steps=-1 is invalid: must be a positive number")
+  assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- data
+
+
+def _broken_link_dir(tmp_path):
+  (tmp_path / "text").mkdir()
+  os.symlink(tmp_path / "gone.txt", tmp_path / "text" / "notes.txt")
+  return {"data.text_dir": tmp_path / "text"}
+
+
+def _text_without_validation(tmp_path):
+  (tmp_path / "text").mkdir()
+  for i in range(20):
+    (tmp_path / "text" / f"{i}.txt").write_text(f"document {i} " * 50)
+  return {"data.text_dir": tmp_path / "text", "data.validation_percent": 0.0}
+
+
+def _damaged_validation_shard(tmp_path):
+  """A built cache whose validation shard has its bytes scrambled (same size,
+  so only reading it can tell)."""
+  overrides = {"data.text_dir": tmp_path / "text", "data.validation_percent": 50.0}
+  (tmp_path / "text").mkdir()
+  for i in range(20):
+    (tmp_path / "text" / f"{i}.txt").write_text(f"document {i} " * 50)
+  from dsmoe.data.local_text import local_text_builder
+  builder = local_text_builder(str(tmp_path / "text"), str(tmp_path / "tfds"),
+                               validation_percent=50.0)
+  shard = [f for f in os.listdir(builder.data_dir) if "-validation." in f][0]
+  path = os.path.join(builder.data_dir, shard)
+  raw = bytearray(open(path, "rb").read())
+  raw[64:-64] = bytes(len(raw) - 128)
+  open(path, "wb").write(bytes(raw))
+  return overrides
+
+
+@pytest.mark.parametrize("make,needles", [
+    (lambda t: {"data.text_dir": t / "nope"}, ["data.text_dir: directory", "nope",
+                                                "does not exist"]),
+    (lambda t: (t / "empty").mkdir() or {"data.text_dir": t / "empty"}, ["is empty"]),
+    (_broken_link_dir, ["skipped (1 unreadable (e.g. 'notes.txt'"]),
+    (lambda t: {"data.tfds_name": "tiny_shakespeare"}, [
+        "data.tfds_name='tiny_shakespeare' is not prepared", "download_and_prepare"]),
+    (_text_without_validation, ["has no split 'validation'", "data.validation_percent"]),
+    (_damaged_validation_shard, ["the 'validation' split of", "cannot be read (Corrupted",
+                                 "delete that folder to build it again"]),
+], ids=["missing_text_dir", "empty_text_dir", "only_a_broken_link", "unprepared_tfds",
+        "no_validation_split", "damaged_validation_shard"])
+def test_bad_data_stops_before_the_first_step(workdir, tmp_path, make, needles):
+  overrides = {**RUN, "train.steps": 4, "data.tokenizer": "bytes",
+               "data.data_dir": tmp_path / "tfds", **make(tmp_path)}
+  _error(_run(_cmd("train.py", workdir, overrides)), *needles)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+  res = _run(_cmd("train.py", tmp_path / "run", {**RUN, "data.text_dir": tmp_path / "nope"}),
+             env={"DSMOE_DEBUG": "1"})
+  assert res.returncode == 1 and "Traceback" in res.stdout
+  assert res.stdout.rstrip("\n").split("\n")[-1].startswith("error: data.text_dir")
+
+
+# ---------------------------------------------------------------- workdir
+
+
+def test_checkpoint_of_another_model_is_one_line(workdir):
+  _error(_run(_cmd("train.py", workdir, {**RUN, "train.steps": 4, "model.d_model": 48})),
+         f"checkpoint {workdir}/checkpoints/2 does not match the config",
+         "checkpoint shape (", "!= config shape (")
+
+
+def test_second_trainer_on_a_busy_workdir_is_refused(workdir):
+  """Another process holds the workdir (through the library, as a trainer
+  does): the trainer stops at once naming it, and changes nothing."""
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom dsmoe.train.lock import WorkdirLock\n"
+       f"with WorkdirLock({str(workdir)!r}):\n  print('locked', flush=True)\n"
+       "  sys.stdin.read()"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+      text=True)
+  try:
+    assert holder.stdout.readline() == "locked\n"
+    lock_file = (workdir / "train.lock").read_text()
+    t0 = time.time()
+    _error(_run(_cmd("train.py", workdir, {**RUN, "train.steps": 4})),
+           f"workdir {workdir} is in use by another trainer: process {holder.pid} on host",
+           f"lock file {workdir}/train.lock")
+    assert time.time() - t0 < 120  # refused at start-up, not after training
+    assert (workdir / "train.lock").read_text() == lock_file
+  finally:
+    holder.communicate("", timeout=60)
+  assert not (workdir / "train.lock").exists()
+
+
+@contextlib.contextmanager
+def _tmpfs(path, size):
+  path.mkdir()
+  res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+  if res.returncode:
+    pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def _read_only_copy(reference, tmp_path):
+  """A copy of `reference` in a folder nobody may write to: a tmpfs mounted
+  read-only (as root), or a folder without write permission (otherwise)."""
+  if os.geteuid() != 0:
+    copy = tmp_path / "ro" / "run"
+    shutil.copytree(reference, copy)
+    for p in [copy, *copy.rglob("*")]:
+      p.chmod(p.stat().st_mode & 0o555)
+    try:
+      yield copy
+    finally:
+      for p in [copy, *copy.rglob("*")]:
+        p.chmod(p.stat().st_mode | 0o200)
+    return
+  with _tmpfs(tmp_path / "ro", "20m") as mount:
+    shutil.copytree(reference, mount / "run")
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    yield mount / "run"
+
+
+def test_read_only_workdir(reference, tmp_path):
+  """train.py refuses at once; evaluate.py refuses before computing, and with
+  --output elsewhere writes its result there."""
+  with _read_only_copy(reference, tmp_path) as ro:
+    before = _snapshot(ro)
+    _error(_run(_cmd("train.py", ro, {**RUN, "train.steps": 4})),
+           f"workdir {ro} is not writable (read-only file system", "use another --workdir")
+    _error(_run(_cmd("evaluate.py", ro, RUN)),
+           f"output folder {ro} is not writable", "--output=PATH")
+    out = tmp_path / "eval.json"
+    res = _run(_cmd("evaluate.py", ro, RUN, f"--output={out}"))
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert f"written to {out}" in res.stdout and '"step": 2' in out.read_text()
+    assert _snapshot(ro) == before
+
+
+def test_no_room_for_a_checkpoint_stops_before_the_first_step(tmp_path):
+  with _tmpfs(tmp_path / "small", "1m") as disk:
+    _error(_run(_cmd("train.py", disk / "run", RUN)),
+           f"not enough free disk space in {disk}/run/checkpoints for a checkpoint")
+    assert not (disk / "run" / "metrics.jsonl").exists()
+
+
+def test_disk_full_during_a_save_says_so_once_and_keeps_the_last_checkpoint(tmp_path):
+  """3 MB hold the first checkpoint (1.8 MB) but not the second."""
+  with _tmpfs(tmp_path / "disk", "3m") as disk:
+    run = disk / "run"
+    res = _run(_cmd("train.py", run, RUN))
+    _error(res, f"disk full: saving checkpoint {run}/checkpoints/2 failed",
+           f"the last good checkpoint {run}/checkpoints/1 is kept")
+    text = res.stdout.lower()
+    assert text.count("disk full") == 1 and "no space left on device" not in text
+    assert checkpoint.Checkpoints(run, read_only=True).all_steps() == [1]
+    with open(run / "metrics.jsonl") as f:
+      assert [json.loads(line)["step"] for line in f] == [1, 2]
+    assert not (run / "train.lock").exists()
+
