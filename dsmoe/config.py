@@ -123,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.eval_every = 0  # evaluate every N steps (0: only at the end)
   t.eval_batches = 4  # batches of the fixed evaluation set scored during training
   t.eval_full_at_end = False  # True: the final evaluation scores the whole set
+  t.init_from = ""  # a params-only checkpoint (scripts/convert_hf.py) to start from; "": random
 
   c.mesh = mesh = ml_collections.ConfigDict()  # device mesh (docs/TRAINING.md)
   mesh.data = -1  # data-parallel devices; -1: all of them
@@ -307,6 +308,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for k in ("peak_flops", "eval_every"):
     if t[k] < 0:
       _fail(f"train.{k}", "must be >= 0", t[k])
+  if not isinstance(t.init_from, str):
+    _fail("train.init_from", "must be a path (a params checkpoint) or ''", t.init_from)
   if t.batch_size % t.grad_accum_steps:
     _fail("train.grad_accum_steps", "must divide train.batch_size="
           f"{t.batch_size}", t.grad_accum_steps)
