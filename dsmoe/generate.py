@@ -223,3 +223,43 @@ def generate(lm: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
   rows = [out[i, lengths[i]:end[i] - (1 if stopped[i] else 0)].tolist()
           for i in range(len(prompts))]
   return Generated(rows, [bool(s) for s in stopped])
+
+
+@dataclasses.dataclass
+class TextModel:
+  """A CausalLM with its tokenizer and default stop tokens (EOS)."""
+  lm: CausalLM
+  tokenizer: object  # encode/decode/bos_id/eos_id (dsmoe.data.tokenizer, HFTokenizer)
+  stop_tokens: tuple[int, ...]
+
+  @classmethod
+  def from_hf(cls, path: str, dtype: str = "float32") -> "TextModel":
+    """An HF or dsmoe model folder with its tokenizer.json."""
+    from dsmoe.interop import hf  # noqa: PLC0415
+    from dsmoe.interop.hf_tokenizer import HFTokenizer  # noqa: PLC0415
+    _, lm = hf.load_hf(path, dtype)
+    tok = HFTokenizer(path)
+    return cls(lm, tok, () if tok.eos_id is None else (tok.eos_id,))
+
+  @classmethod
+  def from_run(cls, config, workdir: str | None = None, step: int | None = None
+               ) -> "TextModel":
+    """A training run's checkpoint (or ``train.init_from``) with the run's tokenizer."""
+    from dsmoe import config as config_lib  # noqa: PLC0415
+    from dsmoe.data import make_tokenizer  # noqa: PLC0415
+    spec = config_lib.resolve(config)
+    tok = make_tokenizer(spec)
+    lm = CausalLM.from_run(spec, workdir, step)
+    eos = getattr(tok, "eos_id", None)
+    return cls(lm, tok, () if eos is None else (eos,))
+
+  def complete(self, prompts: Sequence[str], *, max_new_tokens: int, add_bos: bool = True,
+               **kwargs) -> tuple[list[str], Generated]:
+    """The continuation text of each prompt (and the raw Generated result);
+    `kwargs` go to :func:`generate` (sampling, seed, max_len, stop_tokens)."""
+    bos = getattr(self.tokenizer, "bos_id", None)
+    head = [bos] if add_bos and bos is not None else []
+    ids = [head + [int(i) for i in self.tokenizer.encode(p)] for p in prompts]
+    kwargs.setdefault("stop_tokens", self.stop_tokens)
+    out = generate(self.lm, ids, max_new_tokens=max_new_tokens, **kwargs)
+    return [self.tokenizer.decode(t) for t in out.tokens], out

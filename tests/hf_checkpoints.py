@@ -28,7 +28,10 @@ TINY = {
 
 
 def tiny_config(**changes) -> dict:
-  return {**TINY, **changes}
+  cfg = {**TINY, **changes}
+  if "num_key_value_heads" not in changes:
+    cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+  return cfg
 
 
 def is_moe(cfg: dict, i: int) -> bool:

@@ -26,6 +26,7 @@ folders are written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -149,12 +150,33 @@ def load_hf(path: str, dtype: str = "float32"):
   return config, CausalLM(graphdef, params, rest)
 
 
+def _fix_malloc_mmap_threshold(threshold: int = 1 << 20) -> None:
+  """Makes glibc give freed large arrays back to the OS at once.
+
+  glibc raises its mmap threshold (up to 32 MiB) each time a large mmapped
+  block is freed; later arrays below it then come from the heap arenas of
+  Orbax/TensorStore threads, and the freed memory stays with the process, so
+  a streaming conversion would still grow towards the model size. Fixing the
+  threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the adjustment
+  off) keeps the peak near the arrays in flight. A no-op without glibc.
+  """
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+  except (OSError, AttributeError):
+    pass
+
+
+def _check_new(out_dir: str) -> None:
+  if os.path.exists(out_dir):
+    raise FileExistsError(f"{os.path.abspath(out_dir)} already exists; choose a new "
+                          "output folder (nothing was written)")
+
+
 def _new_output(out_dir: str) -> str:
   """A temporary folder next to `out_dir` (which must not exist yet)."""
   out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir):
-    raise FileExistsError(f"{out_dir} already exists; choose a new output folder "
-                          "(nothing was written)")
+  _check_new(out_dir)
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   return tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
@@ -176,12 +198,14 @@ def convert(in_dir: str, out_dir: str, dtype: str | None = None) -> str:
   Returns `out_dir`. The peak host memory is about the largest tensor.
   """
   _check_folder(in_dir)
+  _check_new(out_dir)
   hf = hf_config.read(in_dir)
   dtype = dtype or _stored_dtype(in_dir)
   _check_dtype(dtype)
   spec = config_lib.resolve(hf_config.to_dsmoe(hf, dtype=dtype)).model
   layout = hf_layout.params(spec)
   reader = _checked_reader(in_dir, layout)
+  _fix_malloc_mmap_threshold()
   tmp = _new_output(out_dir)
   try:
     _copy_side_files(in_dir, tmp)
@@ -205,14 +229,16 @@ def _write_hf(spec, params_path: str, prefix: tuple, out_dir: str, *, original: 
   tensors = [(n, p.hf_shape(), dtypes[p.path]) for p in layout for n in p.hf_names]
 
   def load(names):
+    """The HF tensors of one shard, from one restore of the dsmoe arrays they need."""
+    needed = list(dict.fromkeys(owner[n] for n in names))
+    restored = pretrained.restore_numpy(params_path, [p.path for p in needed], prefix)
     arrays = {}
-    for p in dict.fromkeys(owner[n] for n in names):  # one dsmoe array at a time
-      array = pretrained.restore_numpy(params_path, [p.path], prefix)[p.path]
-      pieces = p.to_hf(array, dtypes[p.path])
+    for p in needed:
+      pieces = p.to_hf(restored.pop(p.path), dtypes[p.path])
       arrays.update((n, x) for n, x in zip(p.hf_names, pieces) if n in names)
-      del array, pieces
     return arrays
 
+  _fix_malloc_mmap_threshold()
   tmp = _new_output(out_dir)
   try:
     if side_files:
@@ -240,6 +266,7 @@ def export(model_dir: str, out_dir: str, dtype: str | None = None,
   config.json (the original's keys kept), safetensors shards + index and the
   side files. `dtype` default: the stored one, so a round trip is bit-exact."""
   _check_folder(model_dir)
+  _check_new(out_dir)
   if not is_model_folder(model_dir):
     raise HFFormatError(f"{model_dir}: not a dsmoe model folder (no {PARAMS}/)")
   hf = hf_config.read(model_dir)
@@ -253,6 +280,7 @@ def export_run(config, workdir: str, out_dir: str, step: int | None = None,
   """Writes the params of a training run's checkpoint `step` (default latest)
   as an HF folder. When ``train.init_from`` names a model folder, its
   config.json keys and side files (tokenizer) are carried over."""
+  _check_new(out_dir)
   spec = config_lib.resolve(config)
   path, prefix = pretrained.run_checkpoint(workdir, step)
   source = spec.train.init_from if spec.train.init_from else None
