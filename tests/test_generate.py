@@ -149,7 +149,8 @@ def test_generate_script_on_an_hf_folder(tmp_path):
   _tiny_tokenizer(folder)
   text = gen.TextModel.from_hf(folder)
   assert (text.tokenizer.bos_id, text.stop_tokens) == (1, (2,))
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+           PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   cmd = [sys.executable, str(ROOT / "scripts/generate.py"), "--hf", folder,
          "--prompt", "the cat", "--prompt", "a mat", "--max_new_tokens", "5"]
   run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

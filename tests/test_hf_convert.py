@@ -16,7 +16,8 @@ from dsmoe.train import pretrained
 from tests import hf_checkpoints as hc
 from tests.conftest import ROOT
 
-ENV = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu",
+           PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
 
 def read_folder(folder):

@@ -52,9 +52,6 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
   Orbax's standard handlers (as numpy or jax arrays).
   """
 
-  def __init__(self):
-    super().__init__(deepcopy_host_arrays=False)
-
   async def serialize(self, values, infos, args=None):
     args = args or [ocp.SaveArgs()] * len(values)
 
