@@ -102,7 +102,7 @@ def _checked_reader(path: str, layout: list[hf_layout.Param]) -> safetensors_io.
   if unknown:
     more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
     raise HFFormatError(f"{path}: unexpected tensor {unknown[0]}{more}: the model "
-                        "config.json describes has no such weight")
+                        "that config.json describes has no such weight")
   for name, shape in expected.items():
     if reader.shape(name) != shape:
       raise HFFormatError(f"{path}: tensor {name} has shape {reader.shape(name)}, "
