@@ -157,7 +157,7 @@ def _bucket(n: int, minimum: int = 16) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "sampling"))
-def _generate(params, rest, tokens_bp, lengths_b, max_new, stop_ids, key, *,
+def _generate(params, rest, tokens_bp, lengths_b, max_new, stop_ids, num_allowed, key, *,
               graphdef, cache_len: int, sampling: Sampling):
   """(tokens [B, U]: prompt then new tokens; end [B]: end of each row; stopped [B])."""
   model = nnx.merge(graphdef, params, rest)
@@ -175,7 +175,8 @@ def _generate(params, rest, tokens_bp, lengths_b, max_new, stop_ids, key, *,
   def body(state):
     i, tokens_bu, caches, pos_b, done_b, key, last_bv = state
     key, sub = jax.random.split(key)
-    next_b = sample(last_bv, sub, sampling)
+    allowed_v = jnp.arange(last_bv.shape[-1]) < num_allowed
+    next_b = sample(jnp.where(allowed_v, last_bv, jnp.finfo(jnp.float32).min), sub, sampling)
     write_b = jnp.where(done_b, tokens_bu[rows, pos_b], next_b)
     tokens_bu = tokens_bu.at[rows, pos_b].set(write_b, mode="drop")
     stop_b = jnp.any(next_b[:, None] == stop_ids[None, :], axis=-1) & ~done_b
@@ -194,11 +195,14 @@ def _generate(params, rest, tokens_bp, lengths_b, max_new, stop_ids, key, *,
 
 def generate(lm: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (),
-             seed: int = 0, max_len: int | None = None) -> Generated:
+             seed: int = 0, max_len: int | None = None,
+             num_allowed: int | None = None) -> Generated:
   """Continues each prompt (a list of token ids) by up to `max_new_tokens`.
 
   A row ends at one of `stop_tokens` (at most 8; not included in the output)
-  or when prompt + new tokens reach `max_len` (default: no limit).
+  or when prompt + new tokens reach `max_len` (default: no limit). Only ids
+  below `num_allowed` are generated (default: the whole vocabulary; give the
+  tokenizer's size when the model's vocabulary is larger).
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
@@ -218,7 +222,8 @@ def generate(lm: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
   stop[:len(stop_tokens)] = stop_tokens
   out, end, stopped = jax.device_get(_generate(
       lm.params, lm.rest, jnp.asarray(tokens), jnp.asarray(lengths), jnp.int32(max_new_tokens),
-      jnp.asarray(stop), jax.random.key(seed), graphdef=lm.graphdef,
+      jnp.asarray(stop), jnp.int32(num_allowed or np.iinfo(np.int32).max),
+      jax.random.key(seed), graphdef=lm.graphdef,
       cache_len=_bucket(p + max_new_tokens), sampling=sampling))
   rows = [out[i, lengths[i]:end[i] - (1 if stopped[i] else 0)].tolist()
           for i in range(len(prompts))]
@@ -261,5 +266,6 @@ class TextModel:
     head = [bos] if add_bos and bos is not None else []
     ids = [head + [int(i) for i in self.tokenizer.encode(p)] for p in prompts]
     kwargs.setdefault("stop_tokens", self.stop_tokens)
+    kwargs.setdefault("num_allowed", self.tokenizer.vocab_size)
     out = generate(self.lm, ids, max_new_tokens=max_new_tokens, **kwargs)
     return [self.tokenizer.decode(t) for t in out.tokens], out

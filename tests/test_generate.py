@@ -95,6 +95,13 @@ def test_stop_tokens_end_a_row(lm):
       assert tokens == row and not stopped
 
 
+def test_num_allowed_keeps_ids_below_it(lm):
+  free = gen.generate(lm, PROMPTS, max_new_tokens=8).tokens
+  assert max(max(t) for t in free) >= 10
+  limited = gen.generate(lm, PROMPTS, max_new_tokens=8, num_allowed=10).tokens
+  assert max(max(t) for t in limited) < 10 and all(len(t) == 8 for t in limited)
+
+
 def test_max_len_caps_prompt_plus_new_tokens(lm):
   out = gen.generate(lm, PROMPTS, max_new_tokens=50, max_len=10)
   assert [len(t) for t in out.tokens] == [3] * 3
@@ -156,10 +163,35 @@ def test_generate_script_on_an_hf_folder(tmp_path):
   run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
   assert run.returncode == 0, run.stderr
   texts, _ = text.complete(["the cat", "a mat"], max_new_tokens=5)
-  lines = run.stdout.splitlines()
+  lines = run.stdout.split("\n")  # (not splitlines: random text holds \x1d etc.)
   assert lines[0].startswith("the cat" + texts[0]) and lines[2].startswith("a mat" + texts[1])
   bad = subprocess.run(cmd[:2] + ["--hf", str(tmp_path / "nope"), "--prompt", "x"],
                        capture_output=True, text=True, env=env, timeout=300)
   assert bad.returncode == 1 and bad.stderr.strip().startswith("error:")
   assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
   del cfg
+
+
+def test_text_model_from_init_from_with_the_runs_sentencepiece(tmp_path, lm):
+  """A config's own tokenizer (SentencePiece trained on its corpus) and the
+  params of train.init_from, without a workdir."""
+  from dsmoe.train import pretrained
+  from tests.test_data import write_corpus
+  write_corpus(tmp_path / "text", n_files=30)
+  config = small_config(**{"model.vocab_size": 64, "model.init_std": 0.3})
+  config.model.vocab_size = 320
+  config.data.update(dict(text_dir=str(tmp_path / "text"), data_dir=str(tmp_path / "tfds"),
+                          vocab_size=300, validation_percent=25.0))
+  spec = dsmoe.resolve(config)
+  model = gen.CausalLM.from_module(Transformer(spec.model, rngs=nnx.Rngs(1)))
+  tree = jax.tree.map(lambda x: pretrained.LazyArray(x.shape, np.dtype(x.dtype),
+                                                     lambda x=x: np.asarray(x)), model.params)
+  pretrained.save_streaming(str(tmp_path / "params"), tree)
+  config.train.init_from = str(tmp_path / "params")
+  text = gen.TextModel.from_run(config)
+  assert text.tokenizer.vocab_size == 300 and text.stop_tokens == (2,)
+  texts, out = text.complete(["alpha beta", "gamma"], max_new_tokens=6)
+  direct = gen.generate(model, [[1, *text.tokenizer.encode(p)] for p in ("alpha beta", "gamma")],
+                        max_new_tokens=6, stop_tokens=(2,), num_allowed=300)
+  assert out.tokens == direct.tokens and max(max(t) for t in out.tokens) < 300
+  assert texts == [text.tokenizer.decode(t) for t in direct.tokens]

@@ -132,5 +132,5 @@ def test_generate_script_with_configs_hf(model_dir):
       capture_output=True, text=True, env=env, timeout=300, cwd=str(ROOT))
   assert run.returncode == 0, run.stderr
   texts, _ = gen.TextModel.from_hf(model).complete(["the mat"], max_new_tokens=4)
-  assert run.stdout.splitlines()[0].startswith("the mat" + texts[0])
+  assert run.stdout.split("\n")[0].startswith("the mat" + texts[0])
   del root
