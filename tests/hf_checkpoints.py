@@ -110,3 +110,27 @@ def make(folder: str, seed: int = 0, dtype=np.float32, num_shards: int = 2, **ch
   weights = random_weights(cfg, seed, dtype)
   write_checkpoint(folder, cfg, weights, num_shards)
   return folder, cfg, weights
+
+
+def write_tokenizer(folder: str) -> None:
+  """A small byte-level BPE tokenizer.json (+ tokenizer_config.json: <s>, </s>)."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=90, special_tokens=["<pad>", "<s>", "</s>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(["the cat sat on the mat"] * 20, trainer)
+  tok.save(os.path.join(folder, "tokenizer.json"))
+  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+    f.write('{"bos_token": "<s>", "eos_token": {"content": "</s>"}}')
+
+
+def write_corpus(folder, n_files: int = 30, seed: int = 0) -> None:
+  """`n_files` small text files of random words."""
+  rng = np.random.default_rng(seed)
+  words = ["alpha", "beta", "gamma", "the", "cat", "sat", "on", "mat", "x", "y\n"]
+  os.makedirs(folder, exist_ok=True)
+  for i in range(n_files):
+    with open(os.path.join(folder, f"f{i:03d}.txt"), "w") as f:
+      f.write(" ".join(rng.choice(words, int(rng.integers(20, 80)))) + "\n")

@@ -137,23 +137,10 @@ def test_sampling_rejects_bad_settings():
       gen.Sampling(**bad)
 
 
-def _tiny_tokenizer(folder):
-  from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=90, special_tokens=["<pad>", "<s>", "</s>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(["the cat sat on the mat"] * 20, trainer)
-  tok.save(os.path.join(folder, "tokenizer.json"))
-  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-    f.write('{"bos_token": "<s>", "eos_token": {"content": "</s>"}}')
-
-
 def test_generate_script_on_an_hf_folder(tmp_path):
   from tests import hf_checkpoints as hc
   folder, cfg, _ = hc.make(str(tmp_path / "hf"), vocab_size=320)
-  _tiny_tokenizer(folder)
+  hc.write_tokenizer(folder)
   text = gen.TextModel.from_hf(folder)
   assert (text.tokenizer.bos_id, text.stop_tokens) == (1, (2,))
   env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -176,8 +163,8 @@ def test_text_model_from_init_from_with_the_runs_sentencepiece(tmp_path, lm):
   """A config's own tokenizer (SentencePiece trained on its corpus) and the
   params of train.init_from, without a workdir."""
   from dsmoe.train import pretrained
-  from tests.test_data import write_corpus
-  write_corpus(tmp_path / "text", n_files=30)
+  from tests.hf_checkpoints import write_corpus
+  write_corpus(str(tmp_path / "text"))
   config = small_config(**{"model.vocab_size": 64, "model.init_std": 0.3})
   config.model.vocab_size = 320
   config.data.update(dict(text_dir=str(tmp_path / "text"), data_dir=str(tmp_path / "tfds"),

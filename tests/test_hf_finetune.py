@@ -21,8 +21,6 @@ from dsmoe.train.evaluation import evaluate_checkpoint
 from dsmoe.train.mesh import make_mesh
 from tests import hf_checkpoints as hc
 from tests.conftest import ROOT
-from tests.test_data import write_corpus
-from tests.test_generate import _tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +28,8 @@ def model_dir(tmp_path_factory):
   """A converted tiny model with a tokenizer.json, and a text corpus."""
   root = tmp_path_factory.mktemp("hf_ft")
   folder, _, _ = hc.make(str(root / "hf"), seed=7, vocab_size=320)
-  _tiny_tokenizer(folder)
-  write_corpus(root / "text", n_files=30)
+  hc.write_tokenizer(folder)
+  hc.write_corpus(str(root / "text"))
   return str(root), hf.convert(folder, str(root / "model"))
 
 

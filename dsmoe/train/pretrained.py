@@ -78,6 +78,11 @@ def save_streaming(path: str, tree) -> None:
     ckpt.save(os.path.abspath(path), args=ocp.args.PyTreeSave(tree))
 
 
+def _key(path) -> str:
+  """"blocks/0/attn/w_q_dnh" for a pytree key path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def _nest(prefix: tuple, tree):
   for key in reversed(prefix):
     tree = {key: tree}
@@ -105,7 +110,7 @@ def saved_arrays(path: str, prefix: tuple = ()) -> dict[str, tuple[tuple, np.dty
     tree = _unnest(prefix, getattr(meta, "tree", meta))
   except (KeyError, TypeError):
     raise CheckpointError(f"{path} has no {'/'.join(map(str, prefix))} tree") from None
-  return {checkpoint_lib._path_str(p): (tuple(m.shape), np.dtype(m.dtype))
+  return {_key(p): (tuple(m.shape), np.dtype(m.dtype))
           for p, m in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -113,7 +118,7 @@ def check_matches(path: str, abstract, prefix: tuple = ()) -> None:
   """CheckpointError naming the first differences in names or shapes (the
   dtype may differ: restoring casts)."""
   saved = saved_arrays(path, prefix)
-  want = {checkpoint_lib._path_str(p): tuple(x.shape)
+  want = {_key(p): tuple(x.shape)
           for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
   problems = [f"{k}: missing" for k in want if k not in saved]
   problems += [f"{k}: in the checkpoint but not in the model" for k in saved if k not in want]
@@ -157,7 +162,7 @@ def restore_numpy(path: str, keys: list[str], prefix: tuple = ()) -> dict[str, n
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f"params checkpoint {path} cannot be restored (truncated "
                           f"or corrupt?): {type(e).__name__}: {e}") from e
-  flat = {checkpoint_lib._path_str(p): x
+  flat = {_key(p): x
           for p, x in jax.tree_util.tree_leaves_with_path(_unnest(prefix, out))}
   return {k: flat[k] for k in keys}
 
