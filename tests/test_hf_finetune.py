@@ -12,7 +12,7 @@ import pytest
 
 import dsmoe
 from dsmoe import generate as gen
-from dsmoe.data import make_loader
+from dsmoe.data.evalset import make_eval_set
 from dsmoe.interop import hf
 from dsmoe.train import checkpoint as checkpoint_lib
 from dsmoe.train import optimizer as optimizer_lib
@@ -108,15 +108,19 @@ def test_evaluator_scores_the_init_from_params(model_dir, tmp_path):
   workdir = str(tmp_path / "fresh")
   result = evaluate_checkpoint(config, workdir)
   assert result["step"] == 0 and result["checkpoint"] == os.path.abspath(model)
-  # The same loss from load_hf and a numpy cross-entropy on the same batch.
-  batch = next(iter(make_loader(dsmoe.resolve(config), "validation")))
+  # The same loss from load_hf and a numpy cross-entropy on the same rows.
+  eval_set = make_eval_set(dsmoe.resolve(config))
   _, lm = hf.load_hf(model)
-  logits = np.asarray(lm(batch["inputs"], batch["positions"]), np.float64)
-  logp = logits - logits.max(-1, keepdims=True)
-  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-  nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
-  mask = batch["segment_ids"] > 0
-  np.testing.assert_allclose(result["eval_loss"], nll[mask].mean(), rtol=1e-5)
+  nll_sum, tokens = 0.0, 0.0
+  for batch in eval_set.batches(config.train.batch_size, config.train.eval_batches,
+                                process_index=0, process_count=1):
+    logits = np.asarray(lm(batch["inputs"], batch["positions"]), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    mask = batch["segment_ids"] > 0
+    nll_sum, tokens = nll_sum + nll[mask].sum(), tokens + mask.sum()
+  np.testing.assert_allclose(result["eval_loss"], nll_sum / tokens, rtol=1e-5)
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 
 
