@@ -8,6 +8,9 @@ neither ml_collections nor the data stack):
     dsmoe.count_params(config)         {"total", "activated", "embedding"}
     dsmoe.flops_per_token(config)      training FLOPs per token
 
+Released checkpoints and text (docs/HF.md): ``dsmoe.interop.hf.load_hf(path)``
+-> (config, model) with ``model(tokens_bt)`` -> logits; ``dsmoe.generate``.
+
 Shape letters
 -------------
 Array and weight names end in one letter per dimension (``x_btd`` is

@@ -91,9 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.file_glob = ""  # local_text patterns, "*.txt,*.md"; "": defaults (DATA.md)
   d.validation_percent = 5.0  # local_text: % of files (by path hash) held out
   d.data_dir = "data_cache/tfds"  # TFDS data and tokenizer cache
-  d.tokenizer = "sentencepiece"  # "sentencepiece" (BPE) or "bytes" (256)
+  d.tokenizer = "sentencepiece"  # "sentencepiece" (BPE), "bytes" (256), "hf" (tokenizer.json)
   d.vocab_size = 8192  # SentencePiece pieces (paper 2B: 8K); <= model.vocab_size
-  d.tokenizer_path = ""  # an existing SentencePiece .model; "": train + cache
+  d.tokenizer_path = ""  # an existing SentencePiece .model ("": train + cache) or, for "hf", a tokenizer.json
   d.tokenizer_sample_bytes = 4_000_000  # training-split text to train BPE on
   d.pad_id, d.bos_id, d.eos_id = 0, 1, 2  # SentencePiece ids (bytes: 0, 254, 255)
   d.add_bos = False  # documents: [BOS] tokens EOS
@@ -124,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.eval_every = 0  # evaluate every N steps (0: only at the end)
   t.eval_batches = 4  # batches of the fixed evaluation set scored during training
   t.eval_full_at_end = False  # True: the final evaluation scores the whole set
+  t.init_from = ""  # a params-only checkpoint (scripts/convert_hf.py) to start from; "": random
 
   c.mesh = mesh = ml_collections.ConfigDict()  # device mesh (docs/TRAINING.md)
   mesh.data = -1  # data-parallel devices; -1: all of them
@@ -311,6 +312,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not isinstance(t.max_skipped_fraction, (int, float)) or not 0 <= t.max_skipped_fraction <= 1:
     _fail("train.max_skipped_fraction", "must be a fraction in [0, 1] of train.steps",
           t.max_skipped_fraction)
+  if not isinstance(t.init_from, str):
+    _fail("train.init_from", "must be a path (a params checkpoint) or ''", t.init_from)
   if t.batch_size % t.grad_accum_steps:
     _fail("train.grad_accum_steps", "must divide train.batch_size="
           f"{t.batch_size}", t.grad_accum_steps)
@@ -337,7 +340,10 @@ def validate_data(d: ml_collections.ConfigDict) -> None:
       _fail(f"data.{k}", "must be an integer >= 1", d[k])
   if not isinstance(d.prefetch_batches, int) or d.prefetch_batches < 0:
     _fail("data.prefetch_batches", "must be an integer >= 0", d.prefetch_batches)
-  _one_of(d, "data", "tokenizer", ("sentencepiece", "bytes"))
+  _one_of(d, "data", "tokenizer", ("sentencepiece", "bytes", "hf"))
+  if d.tokenizer == "hf" and not d.tokenizer_path:
+    _fail("data.tokenizer_path", "data.tokenizer='hf' reads a HuggingFace tokenizer.json: "
+          "give its path (or its folder)", d.tokenizer_path)
   if not 0 <= d.validation_percent < 100:
     _fail("data.validation_percent", "must be in [0, 100)", d.validation_percent)
   if not d.data_dir:

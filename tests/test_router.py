@@ -18,7 +18,7 @@ def np_route(x, w, top_k, score_fn, norm, scale):
     s = 1 / (1 + np.exp(-logits))
   idx = np.argsort(-s, axis=-1, kind="stable")[..., :top_k]
   g = np.take_along_axis(s, idx, axis=-1)
-  if norm:
+  if norm and top_k > 1:  # the released code's rule
     g = g / g.sum(-1, keepdims=True)
   return s, idx, g * scale
 
@@ -41,6 +41,23 @@ def test_router_matches_numpy(score_fn, norm, scale):
     np.testing.assert_allclose(np.asarray(r.scores_bte).sum(-1), 1.0, rtol=1e-5)
   if not norm and scale == 1.0:  # v1: weights are the raw scores, sum < 1
     assert np.all(np.asarray(r.weight_btk).sum(-1) < 1.0)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_norm_topk_prob_renormalises_only_above_top1(top_k):
+  """v1: a top-1 router with norm_topk_prob keeps the raw softmax score."""
+  router = Router(8, 6, top_k=top_k, score_fn="softmax", norm_topk_prob=True,
+                  routed_scaling_factor=1.0, init_std=0.5, param_dtype=jnp.float32,
+                  rngs=nnx.Rngs(0))
+  r = router(jax.random.normal(jax.random.key(2), (1, 7, 8)))
+  scores, weight = np.asarray(r.scores_bte), np.asarray(r.weight_btk)
+  picked = np.take_along_axis(scores, np.asarray(r.idx_btk), axis=-1)
+  if top_k == 1:
+    np.testing.assert_array_equal(weight, picked)
+    assert np.all(weight < 0.99)
+  else:
+    np.testing.assert_allclose(weight.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(weight, picked / picked.sum(-1, keepdims=True), rtol=1e-6)
 
 
 def test_router_scores_float32_with_bf16_input():

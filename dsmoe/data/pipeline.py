@@ -40,6 +40,8 @@ def make_tokenizer(config, source: sources.Source | None = None):
   ``config.model.vocab_size``.
   """
   d = config.data
+  if d.tokenizer == "hf":
+    return _hf_tokenizer(d.tokenizer_path, config.model.vocab_size)
   _check_fits(d.tokenizer, 256 if d.tokenizer == "bytes" else d.vocab_size,
               config.model.vocab_size)
   if d.tokenizer == "bytes":
@@ -51,6 +53,17 @@ def make_tokenizer(config, source: sources.Source | None = None):
       tokenizer_cache_path(d, source), lambda: sample_texts(source, d),
       d.vocab_size, pad_id=d.pad_id, bos_id=d.bos_id, eos_id=d.eos_id,
       sample_bytes=d.tokenizer_sample_bytes)
+
+
+def _hf_tokenizer(path: str, model_vocab: int):
+  """A HuggingFace tokenizer.json (dsmoe.interop.hf_tokenizer); it needs an EOS id."""
+  from dsmoe.interop.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+  tok = HFTokenizer(path)
+  _check_fits("hf", tok.vocab_size, model_vocab)
+  if tok.eos_id is None:
+    raise ValueError(f"data.tokenizer_path={path!r}: the tokenizer has no EOS token "
+                     "(set eos_token in tokenizer_config.json next to it)")
+  return tok
 
 
 def _check_fits(tokenizer: str, size: int, model_vocab: int) -> None:

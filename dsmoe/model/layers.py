@@ -12,7 +12,8 @@ def normal_init(std: float):
 
 
 class RMSNorm(nnx.Module):
-  """y = x / rms(x) * scale, computed in float32."""
+  """y = x / rms(x) * scale: statistics in float32, then the scale multiplies in
+  the input dtype (the released DeepSeek code's order; the same in float32)."""
 
   def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
     del rngs
@@ -22,7 +23,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x_btd: jax.Array) -> jax.Array:
     x32 = x_btd.astype(jnp.float32)
     inv = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * inv * self.scale_d[...].astype(jnp.float32)).astype(x_btd.dtype)
+    return (x32 * inv).astype(x_btd.dtype) * self.scale_d[...].astype(x_btd.dtype)
 
 
 def swiglu(x_td, w_gate_df, w_up_df, w_down_fd):

@@ -21,12 +21,14 @@ def gates(scores_bte: jax.Array, top_k: int, *, norm_topk_prob: bool,
           routed_scaling_factor: float, skip_top: int = 0) -> tuple[jax.Array, jax.Array]:
   """Top-k of the scores; optional renormalisation, then scaling.
 
+  As in the released DeepSeek code, `norm_topk_prob` renormalises only when
+  top_k > 1: a top-1 router keeps its raw score as the gate.
   `skip_top` = r > 0 (an analysis, paper Figure 4) passes over the r best
   experts of each token: the top-k are ranks r+1 .. r+k of its scores.
   """
   weight_btk, idx_btk = jax.lax.top_k(scores_bte, skip_top + top_k)
   weight_btk, idx_btk = weight_btk[..., skip_top:], idx_btk[..., skip_top:]
-  if norm_topk_prob:
+  if norm_topk_prob and top_k > 1:
     weight_btk = weight_btk / (jnp.sum(weight_btk, axis=-1, keepdims=True) + 1e-20)
   return idx_btk.astype(jnp.int32), weight_btk * routed_scaling_factor
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsmoe.model.attention import Attention
+from dsmoe.model.attention import Attention, KVCache
 from dsmoe.model.layers import MLP, Embed, RMSNorm, normal_init
 from dsmoe.model.moe import MoE
 from dsmoe.spec import ModelSpec
@@ -36,6 +36,15 @@ class Block(nnx.Module):
       return x_btd + self.ffn(h_btd), {}, None
     y_btd, aux, stats = self.ffn(h_btd, tokens_bt, train=train)
     return x_btd + y_btd, aux, stats
+
+  def extend(self, x_btd, tokens_bt, positions_bt, cache: KVCache):
+    """The block on new tokens through the KV cache (decoding; MoE in eval mode)."""
+    h_btd, cache = self.attn.extend(self.attn_norm(x_btd), positions_bt, cache)
+    x_btd = x_btd + h_btd
+    h_btd = self.ffn_norm(x_btd)
+    if self.is_moe:
+      return x_btd + self.ffn(h_btd, tokens_bt, train=False)[0], cache
+    return x_btd + self.ffn(h_btd), cache
 
 
 class Transformer(nnx.Module):
@@ -77,3 +86,22 @@ class Transformer(nnx.Module):
     logits_btv = jnp.einsum("btd,dv->btv", x_btd, self.w_head_dv[...].astype(dtype))
     moe_stats = jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else {}
     return logits_btv.astype(jnp.float32), {"losses": aux_losses, "moe": moe_stats}
+
+  def init_cache(self, batch: int, length: int) -> list[KVCache]:
+    """Empty KV caches (one per layer) of `length` positions, in the compute dtype."""
+    s = self.spec
+    return [KVCache.zeros(batch, length, s.num_heads, s.head_dim, jnp.dtype(s.dtype))
+            for _ in range(s.num_layers)]
+
+  def extend(self, tokens_bt: jax.Array, positions_bt: jax.Array, caches: list[KVCache]):
+    """Decoding entry: logits [B,T,V] (float32) of new tokens at `positions_bt`
+    (their cache slots) and the updated caches; see Attention.extend."""
+    dtype = jnp.dtype(self.spec.dtype)
+    x_btd = self.embed(tokens_bt, dtype)
+    new_caches = []
+    for block, cache in zip(self.blocks, caches):
+      x_btd, cache = block.extend(x_btd, tokens_bt, positions_bt, cache)
+      new_caches.append(cache)
+    x_btd = self.final_norm(x_btd)
+    logits_btv = jnp.einsum("btd,dv->btv", x_btd, self.w_head_dv[...].astype(dtype))
+    return logits_btv.astype(jnp.float32), new_caches

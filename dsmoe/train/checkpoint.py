@@ -186,7 +186,9 @@ def data_state_for_this_process(data, where: str):
 
 def init_or_restore(config, tx, ckpts, mesh, data_iter, step: int | None = None):
   """(graphdef, state, log_interval) from checkpoint `step` (default latest), or a
-  fresh init (log_interval {}). Restores `data_iter`'s state when given."""
+  fresh init (log_interval {}): from the params checkpoint ``train.init_from``
+  when set (dsmoe.train.pretrained), else random. Restores `data_iter`'s state
+  when given."""
   graphdef, shapes = step_lib.abstract_state(config, tx)
   replicated = NamedSharding(mesh, P())
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
@@ -197,5 +199,8 @@ def init_or_restore(config, tx, ckpts, mesh, data_iter, step: int | None = None)
       where = ckpts.path(int(state["step"]))
       data_iter.set_state(data_state_for_this_process(data, where))
     return graphdef, state, data.get("log_interval", {}) if isinstance(data, dict) else {}
+  if config.train.init_from:
+    from dsmoe.train import pretrained  # noqa: PLC0415
+    return graphdef, pretrained.init_state(config, tx, shapes), {}
   init = jax.jit(lambda: step_lib.init_state(config, tx)[1], out_shardings=replicated)
   return graphdef, init(), {}

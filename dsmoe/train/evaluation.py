@@ -17,6 +17,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -104,7 +105,8 @@ def evaluate(config, graphdef, state, mesh, *, full: bool = False,
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
                         full: bool | None = None, output: str | None = None) -> dict:
-  """Evaluates checkpoint `step` (default: latest) of `workdir`.
+  """Evaluates checkpoint `step` (default: latest) of `workdir` (without
+  checkpoints: the ``train.init_from`` params, see :func:`restore_params`).
 
   `full` (default: `train.eval_full_at_end`) scores the whole evaluation set.
   Writes the result to `output` (default ``<workdir>/eval_step<N>.json``,
@@ -117,7 +119,9 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
   full = config.train.eval_full_at_end if full is None else full
   workdir = os.path.abspath(workdir)
   out_dir = os.path.dirname(os.path.abspath(output)) if output else workdir
-  if jax.process_index() == 0 and os.path.isdir(os.path.join(workdir, "checkpoints")):
+  has_params = (os.path.isdir(os.path.join(workdir, "checkpoints"))
+                or bool(config.train.init_from))
+  if jax.process_index() == 0 and has_params:  # else restore_params names what is missing
     preflight.check_writable(out_dir, what="output folder", hint="give --output=PATH "
                              "(evaluate.py) to write the result elsewhere")
   graphdef, state, ckpt = restore_params(config, workdir, step)
@@ -134,26 +138,41 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
 def restore_params(config, workdir: str, step: int | None = None):
   """(graphdef, state, checkpoint path) of checkpoint `step` (default latest).
 
-  `config` is resolved. Raises CheckpointError when there is none or it does
-  not match the config.
+  A workdir without checkpoints gives the params of ``train.init_from``
+  (step 0, no optimizer state built): the state a training run there would
+  start from. `config` is resolved. Raises CheckpointError when there is
+  none or it does not match the config.
   """
   workdir = os.path.abspath(workdir)
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise checkpoint_lib.CheckpointError(f"no checkpoints in {workdir}/checkpoints")
-  ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
-  tx = optimizer_lib.make_optimizer(config.train)
-  with errors.closing(ckpts.close):
-    step = ckpts.latest_step() if step is None else step
-    if step is None:
-      raise checkpoint_lib.CheckpointError(f"no checkpoints in {ckpts.directory}")
+  ckpts = None
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
+  with errors.closing(ckpts.close if ckpts is not None else lambda: None):
+    if step is None and ckpts is not None:
+      step = ckpts.latest_step()
+    if step is None and config.train.init_from:
+      graphdef, state, _ = checkpoint_lib.init_or_restore(
+          config, optax.identity(), _NoCheckpoints(), make_mesh(config.mesh), None)
+      return graphdef, state, config.train.init_from
+    if ckpts is None or step is None:
+      raise checkpoint_lib.CheckpointError(f"no checkpoints in {workdir}/checkpoints")
+    tx = optimizer_lib.make_optimizer(config.train)
     graphdef, state, _ = checkpoint_lib.init_or_restore(
         config, tx, ckpts, make_mesh(config.mesh), None, step)
   return graphdef, state, ckpts.path(int(state["step"]))
 
 
+class _NoCheckpoints:
+  """No checkpoint to restore: init_or_restore starts from train.init_from."""
+
+  def latest_step(self):
+    return None
+
+
 def _write_json(path: str, obj: dict, what: str = "") -> None:
   """Writes `obj`; on failure one WorkdirError (holding the result if `what`)."""
   try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
       json.dump(obj, f, indent=1)
   except OSError as e:

@@ -1,0 +1,59 @@
+"""Convert DeepSeekMoE v1 checkpoints between the HuggingFace layout and dsmoe.
+
+    # HF folder (config.json + *.safetensors [+ tokenizer]) -> dsmoe model folder
+    python scripts/convert_hf.py deepseek-moe-16b-base ckpt/dsmoe-16b [--dtype bfloat16]
+
+    # and back: a dsmoe model folder, or a training run's latest params -> HF folder
+    python scripts/convert_hf.py --reverse ckpt/dsmoe-16b ckpt/hf-16b
+    python scripts/convert_hf.py --reverse --config configs/hf.py:ckpt/dsmoe-16b \
+        --workdir runs/finetune ckpt/hf-finetuned [--step 500]
+
+The output folder must not exist; it appears only when complete. Memory:
+about the largest tensor (one shard of --max_shard_gb when exporting).
+See docs/HF.md.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "With --reverse --workdir: the run's config.",
+                                lock_config=True)
+flags.DEFINE_boolean("reverse", False, "dsmoe -> HF instead of HF -> dsmoe.")
+flags.DEFINE_string("workdir", None, "With --reverse: export this training run's params.")
+flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step (default: latest).")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                  "Stored dtype (default: the source's, float16 -> float32).")
+flags.DEFINE_float("max_shard_gb", 2.0, "With --reverse: the largest safetensors shard (GiB).")
+FLAGS = flags.FLAGS
+
+
+def run(args: list[str]) -> str:
+  from dsmoe.interop import hf
+  if FLAGS.reverse and FLAGS.workdir:
+    if len(args) != 1 or FLAGS.config is None:
+      raise ValueError("usage: --reverse --config CONFIG --workdir RUN OUT_HF_DIR")
+    return hf.export_run(FLAGS.config, FLAGS.workdir, args[0], step=FLAGS.step,
+                         dtype=FLAGS.dtype, max_shard_bytes=int(FLAGS.max_shard_gb * 2**30))
+  if len(args) != 2:
+    raise ValueError("usage: convert_hf.py [--reverse] SRC_DIR OUT_DIR (see --help)")
+  if FLAGS.reverse:
+    return hf.export(args[0], args[1], dtype=FLAGS.dtype,
+                     max_shard_bytes=int(FLAGS.max_shard_gb * 2**30))
+  return hf.convert(args[0], args[1], dtype=FLAGS.dtype)
+
+
+def main(argv):
+  logging.set_verbosity(logging.ERROR)  # Orbax logs every array at WARNING/INFO
+  from dsmoe.train.checkpoint import CheckpointError
+  try:
+    out = run(argv[1:])
+  except (CheckpointError, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  print(f"written: {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
