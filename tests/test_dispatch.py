@@ -211,11 +211,44 @@ def test_blocked_layout_blocks_hold_one_expert():
 
 
 def test_auto_block_size():
-  assert dropless.auto_block_size(24576, 64, "loop") == 128
-  assert dropless.auto_block_size(24576, 64, "batched") == 256
+  # loop: chunks of ~1.25x the mean rows per expert in <= 16 blocks of R rows
+  assert dropless.auto_block_size(24576, 64, "loop") == 32  # 480 rows -> 15 blocks
+  assert dropless.auto_block_size(14336, 63, "loop") == 32  # 285 rows -> 9 blocks
   assert dropless.auto_block_size(40, 6, "loop") == 8
-  assert dropless.auto_block_size(1000, 8, "loop") == 64
+  assert dropless.auto_block_size(10**6, 8, "loop") == 64  # chunk capped at 1024 rows
+  assert dropless.auto_block_size(24576, 64, "batched") == 256
+  assert dropless.auto_block_size(1000, 8, "batched") == 64
   assert dropless.resolve_block_size(32, 24576, 64, "loop") == 32
+
+
+def test_loop_chunk_sizes():
+  assert dropless.loop_chunk_sizes(32, 480) == tuple(range(32, 481, 32))
+  assert dropless.loop_chunk_sizes(32, 470) == tuple(range(32, 481, 32))  # rounded up
+  assert dropless.loop_chunk_sizes(4, 1000) == tuple(range(4, 65, 4))  # at most 16 R
+  assert dropless.loop_chunk_sizes(64, 10) == (64,)
+
+
+@pytest.mark.parametrize("block,chunk_rows", [(2, 4), (4, 64), (8, 8)])
+def test_expert_loop_chunks_match_dense(block, chunk_rows):
+  """Experts with no rows, with fewer rows than one chunk and with several
+  chunks' worth (the first chunk's padded writes are overwritten by later
+  chunks) all match the dense reference, values and gradients."""
+  from dsmoe.dispatch import expert_loop, layout  # pylint: disable=g-import-not-at-top
+  t, e, k = 30, 6, 2
+  rng = np.random.default_rng(11)
+  # expert 0 takes every token (30 rows), experts 4 and 5 none.
+  idx = np.stack([np.r_[0, rng.integers(1, 4)] for _ in range(t)]).astype(np.int32)
+  x, _, weight, experts = make_case(2, t, e, k)
+  sizes = dropless.loop_chunk_sizes(block, chunk_rows)
+
+  def fn(x, i, w, ex):
+    lay = layout.blocked_layout(i, e, block)
+    return dispatch.DispatchResult(expert_loop.run_layout(x, w, ex, lay, sizes), jnp.zeros(()))
+
+  ref, ref_grads = value_and_grads(dense.dispatch, x, jnp.asarray(idx), weight, experts)
+  res, grads = value_and_grads(fn, x, jnp.asarray(idx), weight, experts)
+  assert_same(res.y_td, ref.y_td)
+  assert_same(grads, ref_grads)
 
 
 def test_auto_settings_resolve_per_platform():

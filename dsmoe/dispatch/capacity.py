@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from dsmoe.dispatch import block_batched
 from dsmoe.dispatch import layout as layout_lib
-from dsmoe.dispatch.common import DispatchResult, ExpertWeights, cast, gate_per_row
-from dsmoe.dispatch.dropless import resolve_strategy
-from dsmoe.dispatch.expert_loop import expert_loop
+from dsmoe.dispatch.common import DispatchResult, ExpertWeights, cast
+from dsmoe.dispatch import expert_loop
+from dsmoe.dispatch.dropless import auto_block_size, loop_chunk_sizes, resolve_strategy
 from dsmoe.dispatch.permute import combine, permute
 
 
@@ -38,13 +38,15 @@ def dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, factor: float,
   t, k = x_td.shape[0], idx_tk.shape[1]
   num_experts = experts.w_gate_edf.shape[0]
   cap = layout_lib.capacity(t, k, num_experts, factor)
-  lay = layout_lib.capacity_layout(idx_tk, weight_tk, num_experts, cap, policy)
   w = cast(experts, x_td.dtype)
   if resolve_strategy(strategy) == "loop":
-    weight_ec = gate_per_row(weight_tk, lay.pair_p).reshape(-1, cap)  # 0: empty row
-    y_td = expert_loop(x_td, weight_ec, w, lay.token_p.reshape(-1, cap),
-                       lay.block_end_e)  # [T,D]
+    block = auto_block_size(t * k, num_experts, "loop")
+    stride = -(-cap // block) * block  # expert e's rows start at e * stride
+    lay = layout_lib.capacity_layout(idx_tk, weight_tk, num_experts, cap, policy, stride)
+    sizes = loop_chunk_sizes(block, stride)  # one chunk per expert (unless C > 16 R)
+    y_td = expert_loop.run_layout(x_td, weight_tk, w, lay, sizes)  # [T,D]
   else:  # "batched": the [E, C, D] buffer, batched matmuls over E
+    lay = layout_lib.capacity_layout(idx_tk, weight_tk, num_experts, cap, policy)
     x_pd = permute(x_td, lay.token_p, lay.row_tk, may_drop=True)  # [E*C,D]
     y_ecd = block_batched.block_swiglu(x_pd.reshape(num_experts, cap, -1), w)  # [E,C,D]
     y_td = combine(y_ecd.reshape(x_pd.shape), weight_tk, lay.row_tk, lay.token_p,

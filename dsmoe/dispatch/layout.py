@@ -9,6 +9,8 @@ A `Layout` holds the integer maps between the two orders (no gradients):
   pair_p     [P]    flat pair index s = t*K + k of each row; S = T*K for padding
   block_end_e [E]   expert e owns blocks block_end_e[e-1] .. block_end_e[e]-1
   dropped    []     number of dropped pairs (float32)
+  start_e    [E]    first buffer row of expert e
+  count_e    [E]    pairs that expert e's rows hold (kept pairs; padding excluded)
 
 Two layouts:
   * `blocked_layout`: sorted by expert, each expert's rows padded to a multiple
@@ -33,6 +35,8 @@ class Layout(NamedTuple):
   pair_p: jax.Array
   block_end_e: jax.Array
   dropped: jax.Array
+  start_e: jax.Array
+  count_e: jax.Array
 
 
 def num_blocks_bound(num_pairs: int, num_experts: int, block: int) -> int:
@@ -76,8 +80,9 @@ def blocked_layout(idx_tk: jax.Array, num_experts: int, block: int) -> Layout:
   row_s = (block_end_e - blocks_e)[expert_s] * block + rank_s  # [S]
   nb = num_blocks_bound(t * k, num_experts, block)
   token_p, pair_p = _rows_to_pairs(row_s, nb * block, k)
+  start_e = ((block_end_e - blocks_e) * block).astype(jnp.int32)
   return Layout(row_s.reshape(t, k), token_p, pair_p, block_end_e.astype(jnp.int32),
-                jnp.zeros((), jnp.float32))
+                jnp.zeros((), jnp.float32), start_e, sizes_e)
 
 
 def priority_order(expert_s: jax.Array, weight_s: jax.Array, policy: str) -> jax.Array:
@@ -98,20 +103,24 @@ def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> in
 
 
 def capacity_layout(idx_tk: jax.Array, weight_tk: jax.Array, num_experts: int,
-                    cap: int, policy: str) -> Layout:
-  """Capacity layout: pair -> row e*C + rank if rank < C, else dropped.
+                    cap: int, policy: str, stride: int = 0) -> Layout:
+  """Capacity layout: pair -> row e*stride + rank if rank < C, else dropped.
 
-  Steps: 1. priority order within each expert (`policy`); 2. rank of each
-  pair in it; 3. keep rank < C; 4. inverse maps over the E*C rows.
+  stride (>= C; 0: C) is the number of buffer rows per expert. Steps:
+  1. priority order within each expert (`policy`); 2. rank of each pair in
+  it; 3. keep rank < C; 4. inverse maps over the E*stride rows.
   """
   t, k = idx_tk.shape
+  stride = stride or cap
   expert_s = idx_tk.reshape(-1).astype(jnp.int32)  # [S]
   order_s = priority_order(expert_s, weight_tk.reshape(-1), policy)
-  rank_s, _ = _rank_in_expert(expert_s, order_s, num_experts)
+  rank_s, sizes_e = _rank_in_expert(expert_s, order_s, num_experts)
   kept_s = rank_s < cap
-  num_rows = num_experts * cap
-  row_s = jnp.where(kept_s, expert_s * cap + rank_s, num_rows)  # [S]
+  num_rows = num_experts * stride
+  row_s = jnp.where(kept_s, expert_s * stride + rank_s, num_rows)  # [S]
   token_p, pair_p = _rows_to_pairs(row_s, num_rows, k)
   dropped = jnp.sum(~kept_s).astype(jnp.float32)
   block_end_e = jnp.arange(1, num_experts + 1, dtype=jnp.int32)  # one block of C each
-  return Layout(row_s.reshape(t, k), token_p, pair_p, block_end_e, dropped)
+  start_e = jnp.arange(num_experts, dtype=jnp.int32) * stride
+  return Layout(row_s.reshape(t, k), token_p, pair_p, block_end_e, dropped, start_e,
+                jnp.minimum(sizes_e, cap))
