@@ -25,7 +25,15 @@ The gradient is taken w.r.t. the tokens, the gate weights and all weights.
     python scripts/bench_moe.py                       # default shape, float32
     python scripts/bench_moe.py --dtype bfloat16 --json /tmp/moe.json
 
-Runs without ml_collections (dsmoe.dispatch takes explicit arguments).
+--model instead times whole-model training (dsmoe.train.throughput): the real
+jitted train step of each given MoE config and of the dense config of equal
+activated FLOPs (every MoE FFN replaced by a SwiGLU FFN of hidden
+(K_s + K') * expert_hidden), in turns, and reports tokens/s and MFU:
+
+    python scripts/bench_moe.py --model ablation:deepseekmoe,ablation:gshard
+
+The layer benchmark runs without ml_collections (dsmoe.dispatch takes
+explicit arguments); --model needs the training stack.
 """
 
 from __future__ import annotations
@@ -237,11 +245,68 @@ def parse_args(argv=None):
   p.add_argument("--only", default="", help="comma-separated subset of case names")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default="", help="write the results to this file")
+  p.add_argument("--model", default="",
+                 help="comma-separated MoE configs (dsmoe.load names, e.g. "
+                      "ablation:deepseekmoe): whole-model training next to the dense "
+                      "config of equal activated FLOPs, instead of the layer benchmark")
+  p.add_argument("--model-steps", type=int, default=10, help="--model: timed steps each")
+  p.add_argument("--extra", default="",
+                 help="--model: comma-separated further configs to time (e.g. ablation:dense)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="--model: override a config key in every config "
+                      "(e.g. model.moe.impl=capacity); repeatable")
   return p.parse_args(argv)
+
+
+def _override(config, assignments):
+  """key=value assignments (Python literals, else strings) on a ConfigDict."""
+  import ast  # pylint: disable=g-import-not-at-top
+  for item in assignments:
+    key, _, text = item.partition("=")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *path, last = key.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
+def model_main(args):
+  """--model: tokens/s and MFU of each MoE config and its dense equivalent."""
+  import dsmoe  # pylint: disable=g-import-not-at-top
+  from dsmoe.train import throughput  # pylint: disable=g-import-not-at-top
+  moe_names = [n for n in args.model.split(",") if n]
+  configs = {}
+  for name in moe_names:
+    cfg = _override(dsmoe.load(name), args.set)
+    dense = throughput.dense_equivalent(cfg)
+    hidden = dense.model.dense_hidden
+    configs.setdefault(f"dense_equivalent(hidden {hidden})", dense)
+    configs[name] = cfg
+  for name in filter(None, args.extra.split(",")):
+    configs[name] = _override(dsmoe.load(name), args.set)
+  configs = dict(sorted(configs.items(), key=lambda kv: not kv[0].startswith("dense_eq")))
+  print(f"--model: {len(configs)} configs, {args.model_steps} timed steps each, in turns; "
+        f"jax {jax.__version__}, {jax.default_backend()}", flush=True)
+  res = throughput.compare(configs, steps=args.model_steps)
+  print(f"{'config':32s} {'GFLOP/tok':>9s} {'step ms':>8s} {'tokens/s':>9s} {'MFU':>6s} "
+        f"{'MFU/first':>9s}")
+  for name, r in res.items():
+    print(f"{name:32s} {r['gflops_per_token']:9.4f} {r['step_ms']:8.1f} {r['tokens_per_s']:9.0f} "
+          f"{r['mfu']:6.3f} {r['mfu_ratio']:9.3f}")
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps({"model": res, "set": args.set}, indent=1))
+  return res
 
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.model:
+    return model_main(args)
   x_td, idx_tk, weight_tk, experts, dense_w, probe_td = make_inputs(args)
   shape = {k: getattr(args, k) for k in ("tokens", "d_model", "experts", "expert_hidden",
                                          "top_k", "dtype", "block_size", "capacity_factor")}
