@@ -40,9 +40,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
+
+if "--profile" in sys.argv:  # XLA:CPU records per-op events only with this flag
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_cpu_enable_xprof_traceme=true").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -154,11 +159,26 @@ def grad_fn(layer, probe_td, forward_only=False):
 
 
 def compile_case(fn, operands):
-  """Ahead-of-time compile; returns (run(), temporary memory in MiB)."""
+  """Ahead-of-time compile; returns (run(), temporary memory in MiB, compiled)."""
   compiled = fn.lower(*operands).compile()
   mem = compiled.memory_analysis()
   temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
-  return (lambda: compiled(*operands)), (temp / 2**20 if temp else float("nan"))
+  return (lambda: compiled(*operands)), (temp / 2**20 if temp else float("nan")), compiled
+
+
+def print_profiles(runs: dict, compiled: dict) -> dict:
+  """--profile: op time per kind of op (dsmoe.profiling), one traced run per case."""
+  from dsmoe import profiling  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name, run in runs.items():
+    jax.block_until_ready(run())
+    kinds = profiling.op_time_breakdown(compiled[name], run)
+    total = sum(ms for ms, _ in kinds.values())
+    out[name] = {k: {"ms": ms, "ops": n} for k, (ms, n) in kinds.items()}
+    parts = "  ".join(f"{k} {ms:.1f} ({100 * ms / total:.0f}%, {n})"
+                      for k, (ms, n) in kinds.items() if ms >= 0.005 * total)
+    print(f"profile {name}: op time {total:.1f} ms = {parts}", flush=True)
+  return out
 
 
 def timed(run) -> float:
@@ -245,6 +265,9 @@ def parse_args(argv=None):
   p.add_argument("--only", default="", help="comma-separated subset of case names")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default="", help="write the results to this file")
+  p.add_argument("--profile", action="store_true",
+                 help="also trace one run of each case and print its op time per kind "
+                      "of op (matmul, gather, scatter-add, zeros, copy, ...; ms, %%, ops)")
   p.add_argument("--model", default="",
                  help="comma-separated MoE configs (dsmoe.load names, e.g. "
                       "ablation:deepseekmoe): whole-model training next to the dense "
@@ -314,12 +337,13 @@ def main(argv=None):
   shape["pass"] = "forward" if args.forward_only else "forward+backward"
   print(f"shape {shape}  jax {jax.__version__}", flush=True)
   only = set(filter(None, args.only.split(",")))
-  runs, reps, temp_mb = {}, {}, {}
+  runs, reps, temp_mb, compiled = {}, {}, {}, {}
   for name, (layer, which, n) in cases(args).items():
     if only and name not in only and name != "dense_ffn":
       continue
     params = dense_w if which == "dense" else experts
-    runs[name], temp_mb[name] = compile_case(grad_fn(layer, probe_td, args.forward_only), (x_td, weight_tk, params, idx_tk))
+    runs[name], temp_mb[name], compiled[name] = compile_case(
+        grad_fn(layer, probe_td, args.forward_only), (x_td, weight_tk, params, idx_tk))
     reps[name] = n
   ms = measure_all(runs, reps)
   results = {}
@@ -332,8 +356,10 @@ def main(argv=None):
                      "peak_mb": temp_mb[name], "reps": reps[name]}
     print(f"{name:26s} {med:9.1f} {low:9.1f} {ratio:8.2f} {med / ms['dense_ffn'][0]:8.2f} "
           f"{temp_mb[name]:9.1f}  {reps[name]}")
+  profiles = print_profiles(runs, compiled) if args.profile else {}
   if args.json:
-    pathlib.Path(args.json).write_text(json.dumps({"shape": shape, "results": results}, indent=1))
+    pathlib.Path(args.json).write_text(json.dumps(
+        {"shape": shape, "results": results, "profiles": profiles}, indent=1))
   return results
 
 
