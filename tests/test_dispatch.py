@@ -189,25 +189,34 @@ def test_bfloat16_close_to_float32_reference(impl):
     np.testing.assert_allclose(g, r, atol=0.03 * float(jnp.abs(r).max()))
 
 
-def test_blocked_layout_blocks_hold_one_expert():
-  """Every used row of a block belongs to that block's expert; padding < B per expert."""
+@pytest.mark.parametrize("cap", [0, 5])
+def test_blocked_layout_blocks_hold_one_expert(cap):
+  """Every used row of a block belongs to that block's expert; padding < B per
+  expert; start_e/count_e describe the rows; with a capacity, exactly the
+  first `cap` pairs of each expert (flat order) are kept, the rest dropped."""
   from dsmoe.dispatch import layout  # pylint: disable=g-import-not-at-top
-  _, idx, _, _ = make_case(4, 50, 7, 3, mode="few_experts")
+  _, idx, weight, _ = make_case(4, 50, 7, 3, mode="few_experts")
   block = 4
-  lay = layout.blocked_layout(idx, 7, block)
+  lay = layout.blocked_layout(idx, 7, block, cap=cap, weight_tk=weight)
   pair_p = np.asarray(lay.pair_p)
   ends = np.asarray(lay.block_end_e)
   starts = np.r_[0, ends[:-1]]
   flat = np.asarray(idx).reshape(-1)
+  expected = [np.flatnonzero(flat == e)[:cap or None] for e in range(7)]
   seen = []
   for e in range(7):
     rows = pair_p[starts[e] * block:ends[e] * block]
     used = rows[rows < flat.size]
-    assert np.all(flat[used] == e)
+    np.testing.assert_array_equal(used, expected[e])  # kept pairs, in order
     assert len(rows) - len(used) < block
+    assert lay.start_e[e] == starts[e] * block and lay.count_e[e] == len(used)
     seen.extend(used.tolist())
-  assert sorted(seen) == list(range(flat.size))  # every pair exactly once
-  np.testing.assert_array_equal(pair_p[np.asarray(lay.row_tk).reshape(-1)], np.arange(flat.size))
+  kept = np.sort(np.concatenate(expected))
+  assert sorted(seen) == kept.tolist()  # every kept pair exactly once
+  row_s = np.asarray(lay.row_tk).reshape(-1)
+  np.testing.assert_array_equal(pair_p[row_s[kept]], kept)
+  assert np.all(row_s[np.setdiff1d(np.arange(flat.size), kept)] >= pair_p.size)  # dropped
+  assert float(lay.dropped) == flat.size - kept.size
 
 
 def test_auto_block_size():

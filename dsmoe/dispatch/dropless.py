@@ -85,8 +85,7 @@ def auto_block_size(num_pairs: int, num_experts: int, strategy: str) -> int:
   so larger blocks pay off).
   """
   if strategy == "loop":
-    per_branch = math.ceil(_loop_target(num_pairs, num_experts) / LOOP_MAX_BRANCHES)
-    return max(8, 1 << (per_branch - 1).bit_length())
+    return loop_block_size(_loop_target(num_pairs, num_experts))
   per_expert = max(1, num_pairs // num_experts)
   return int(min(256, max(8, 1 << (per_expert.bit_length() - 1))))
 
@@ -95,6 +94,13 @@ def resolve_block_size(block_size: int, num_pairs: int, num_experts: int,
                        strategy: str) -> int:
   """`block_size`, or (0) the one :func:`auto_block_size` picks."""
   return block_size or auto_block_size(num_pairs, num_experts, strategy)
+
+
+def loop_block_size(chunk_rows: int) -> int:
+  """The smallest power of two >= 8 that cuts `chunk_rows` into at most
+  LOOP_MAX_BRANCHES blocks."""
+  per_branch = math.ceil(min(chunk_rows, LOOP_MAX_CHUNK) / LOOP_MAX_BRANCHES)
+  return max(8, 1 << (per_branch - 1).bit_length())
 
 
 def loop_chunk_sizes(block: int, chunk_rows: int) -> tuple[int, ...]:

@@ -15,7 +15,8 @@ A `Layout` holds the integer maps between the two orders (no gradients):
 Two layouts:
   * `blocked_layout`: sorted by expert, each expert's rows padded to a multiple
     of `block` (R rows), so every block belongs to one expert (dropless;
-    block=1 gives the plain sorted order of ragged_dot);
+    block=1 gives the plain sorted order of ragged_dot; with a capacity, the
+    kept pairs packed the same way: the CPU loop's capacity layout);
   * `capacity_layout`: E fixed buffers of C rows ([E, C, D] flattened); a pair
     takes row e*C + its rank among the pairs of expert e, if that rank < C.
 """
@@ -64,25 +65,39 @@ def _rank_in_expert(expert_s: jax.Array, order_s: jax.Array, num_experts: int):
   return rank_s, sizes_e
 
 
-def blocked_layout(idx_tk: jax.Array, num_experts: int, block: int) -> Layout:
-  """Dropless layout; each expert's rows start on a block boundary.
+def blocked_layout(idx_tk: jax.Array, num_experts: int, block: int, *, cap: int = 0,
+                   weight_tk: jax.Array | None = None, policy: str = "position") -> Layout:
+  """Layout in which every expert's rows start on a block boundary.
 
-  Steps: 1. rank of each pair within its expert (stable sort by expert);
-  2. padded sizes ceil(n_e / block) * block and their offsets;
-  3. row = padded offset of the expert + rank; 4. inverse maps.
+  Dropless (cap = 0), or keeping only each expert's first `cap` pairs in the
+  priority order `policy` (capacity dispatch without [E, C] buffers: the
+  kept pairs are packed like dropless ones). Steps: 1. rank of each pair
+  within its expert (stable sort by expert, or by expert then priority);
+  2. kept pairs per expert, padded to a multiple of `block`, and their
+  offsets; 3. row = padded offset of the expert + rank (dropped pairs: out
+  of range); 4. inverse maps.
   """
   t, k = idx_tk.shape
   expert_s = idx_tk.reshape(-1).astype(jnp.int32)  # [S]
-  order_s = jnp.argsort(expert_s, stable=True)
+  if cap:
+    order_s = priority_order(expert_s, weight_tk.reshape(-1), policy)
+  else:
+    order_s = jnp.argsort(expert_s, stable=True)
   rank_s, sizes_e = _rank_in_expert(expert_s, order_s, num_experts)
-  blocks_e = (sizes_e + block - 1) // block  # [E]
+  count_e = jnp.minimum(sizes_e, cap) if cap else sizes_e
+  blocks_e = (count_e + block - 1) // block  # [E]
   block_end_e = jnp.cumsum(blocks_e)  # [E]
+  kept = min(t * k, num_experts * cap) if cap else t * k
+  num_rows = num_blocks_bound(kept, num_experts, block) * block
   row_s = (block_end_e - blocks_e)[expert_s] * block + rank_s  # [S]
-  nb = num_blocks_bound(t * k, num_experts, block)
-  token_p, pair_p = _rows_to_pairs(row_s, nb * block, k)
+  dropped = jnp.zeros((), jnp.float32)
+  if cap:
+    row_s = jnp.where(rank_s < cap, row_s, num_rows)
+    dropped = jnp.sum(rank_s >= cap).astype(jnp.float32)
+  token_p, pair_p = _rows_to_pairs(row_s, num_rows, k)
   start_e = ((block_end_e - blocks_e) * block).astype(jnp.int32)
   return Layout(row_s.reshape(t, k), token_p, pair_p, block_end_e.astype(jnp.int32),
-                jnp.zeros((), jnp.float32), start_e, sizes_e)
+                dropped, start_e, count_e)
 
 
 def priority_order(expert_s: jax.Array, weight_s: jax.Array, policy: str) -> jax.Array:
@@ -103,15 +118,14 @@ def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> in
 
 
 def capacity_layout(idx_tk: jax.Array, weight_tk: jax.Array, num_experts: int,
-                    cap: int, policy: str, stride: int = 0) -> Layout:
-  """Capacity layout: pair -> row e*stride + rank if rank < C, else dropped.
+                    cap: int, policy: str) -> Layout:
+  """Capacity layout: pair -> row e*C + rank if rank < C, else dropped.
 
-  stride (>= C; 0: C) is the number of buffer rows per expert. Steps:
-  1. priority order within each expert (`policy`); 2. rank of each pair in
-  it; 3. keep rank < C; 4. inverse maps over the E*stride rows.
+  Steps: 1. priority order within each expert (`policy`); 2. rank of each
+  pair in it; 3. keep rank < C; 4. inverse maps over the E*C rows.
   """
   t, k = idx_tk.shape
-  stride = stride or cap
+  stride = cap
   expert_s = idx_tk.reshape(-1).astype(jnp.int32)  # [S]
   order_s = priority_order(expert_s, weight_tk.reshape(-1), policy)
   rank_s, sizes_e = _rank_in_expert(expert_s, order_s, num_experts)
