@@ -6,8 +6,9 @@ the median of those paired ratios, which a shared machine's changing load
 hardly moves) and peak temporary memory (XLA's
 compiled memory_analysis().temp_size_in_bytes: every intermediate, not the
 inputs and outputs) of:
-  dense_ffn             one SwiGLU FFN of hidden top_k * expert_hidden: the same
-                        activated FLOPs as the MoE layer, the physical limit;
+  dense_ffn             the model's SwiGLU FFN (dsmoe.model.layers.swiglu) of
+                        hidden top_k * expert_hidden: the same activated FLOPs
+                        as the MoE layer, the physical limit;
   flat_expert_ffn       all T*K pairs through ONE expert's weights: same FLOPs
                         and matmul shapes as the MoE, no routing (shape limit);
   capacity              dsmoe capacity dispatch (factor --capacity-factor);
@@ -56,6 +57,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from dsmoe import dispatch  # noqa: E402  (needs neither ml_collections nor data)
 from dsmoe.dispatch import capacity, dropless  # noqa: E402
+from dsmoe.model import layers  # noqa: E402  (flax; no ml_collections)
 
 
 # ----------------------------------------------------------------------------
@@ -63,10 +65,8 @@ from dsmoe.dispatch import capacity, dropless  # noqa: E402
 # ----------------------------------------------------------------------------
 
 def dense_ffn(x_td, w1_df, w2_df, w3_fd):
-  dt = x_td.dtype
-  g = jnp.einsum("td,df->tf", x_td, w1_df.astype(dt))  # [T,K*F]
-  u = jnp.einsum("td,df->tf", x_td, w2_df.astype(dt))  # [T,K*F]
-  return jnp.einsum("tf,fd->td", jax.nn.silu(g) * u, w3_fd.astype(dt))  # [T,D]
+  """The model's dense SwiGLU FFN (dsmoe.model.layers.swiglu) of hidden K*F."""
+  return layers.swiglu(x_td, w1_df, w2_df, w3_fd)  # [T,D]
 
 
 def flat_expert_ffn(x_td, idx_tk, weight_tk, w):

@@ -41,14 +41,14 @@ def dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, factor: float,
   t, k = x_td.shape[0], idx_tk.shape[1]
   num_experts = experts.w_gate_edf.shape[0]
   cap = layout_lib.capacity(t, k, num_experts, factor)
-  w = cast(experts, x_td.dtype)
   if resolve_strategy(strategy) == "loop":
     block = loop_block_size(cap)
     lay = layout_lib.blocked_layout(idx_tk, num_experts, block, cap=cap, weight_tk=weight_tk,
                                     policy=policy)  # kept pairs packed, no [E, C] buffers
     sizes = loop_chunk_sizes(block, cap)  # one chunk per expert (C <= 16 R)
-    y_td = expert_loop.run_layout(x_td, weight_tk, w, lay, sizes)  # [T,D]
+    y_td = expert_loop.run_layout(x_td, weight_tk, experts, lay, sizes)  # [T,D]
   else:  # "batched": the [E, C, D] buffer, batched matmuls over E
+    w = cast(experts, x_td.dtype)
     lay = layout_lib.capacity_layout(idx_tk, weight_tk, num_experts, cap, policy)
     x_pd = permute(x_td, lay.token_p, lay.row_tk, may_drop=True)  # [E*C,D]
     y_ecd = block_batched.block_swiglu(x_pd.reshape(num_experts, cap, -1), w)  # [E,C,D]

@@ -160,8 +160,8 @@ def dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, backend: str = 
   else:
     strategy = resolve_strategy(strategy)
     block = resolve_block_size(block_size, idx_tk.size, w.w_gate_edf.shape[0], strategy)
-    if strategy == "loop":
-      y_td = _loop(x_td, idx_tk, weight_tk, w, block)
+    if strategy == "loop":  # casts each expert's weights itself
+      y_td = _loop(x_td, idx_tk, weight_tk, experts, block)
     else:
       y_td = _permuted(x_td, idx_tk, weight_tk, w, block, backend)
   return DispatchResult(y_td, no_drops())

@@ -79,10 +79,27 @@ def _pad_rows(a, n):
   return jnp.pad(a, [(0, n - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
 
 
-def _weights(w: ExpertWeights, e):
-  """Expert e's gate and up projections side by side [D, 2F], and down [F, D]."""
-  return (jnp.concatenate([_at(w.w_gate_edf, e), _at(w.w_up_edf, e)], axis=1),
-          _at(w.w_down_efd, e))
+def _weights(w: ExpertWeights, e, dtype):
+  """Expert e's gate and up projections side by side [D, 2F], and down [F, D],
+  in the compute dtype (the loop takes the weights in their own dtype, so
+  their gradients are float32 sums, written without a rounding step)."""
+  return (jnp.concatenate([_at(w.w_gate_edf, e), _at(w.w_up_edf, e)], axis=1).astype(dtype),
+          _at(w.w_down_efd, e).astype(dtype))
+
+
+def _stored(dtype):
+  """The dtype the saved activations are kept in: 16-bit floats as their
+  uint16 bits (XLA:CPU widens a bfloat16 dynamic-update-slice to float32
+  over the whole buffer, which costs a pass over it per chunk)."""
+  return jnp.uint16 if jnp.dtype(dtype).itemsize == 2 else dtype
+
+
+def _store(a):
+  return lax.bitcast_convert_type(a, _stored(a.dtype)) if _stored(a.dtype) != a.dtype else a
+
+
+def _load(a, dtype):
+  return lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
 
 
 def _split(rows, largest):
@@ -104,7 +121,7 @@ def _swiglu_rows(n, tok_r, gate_r, w_e, x_td):
   x_rd = x_td.at[tok_r[:n]].get(mode="promise_in_bounds")  # [n,D]
   gu_rf = _mm(x_rd, w_e[0]).astype(dt)  # [n,2F]
   a_rf = jax.nn.silu(gu_rf[:, :f]) * gu_rf[:, f:] * gate_r[:n, None].astype(dt)
-  return _mm(a_rf, w_e[1]), gu_rf
+  return _mm(a_rf, w_e[1]), _store(gu_rf)
 
 
 def _forward(x_td, weight_p, w: ExpertWeights, token_p, start_e, rows_e, sizes):
@@ -124,8 +141,8 @@ def _forward(x_td, weight_p, w: ExpertWeights, token_p, start_e, rows_e, sizes):
         gu_pf, gu_rf, p0)
 
   def expert_body(e, carry):
-    w_e, start, (first, full) = _weights(w, e), start_e[e], _split(rows_e[e], big)
-    zeros = (jnp.zeros((big, d), jnp.float32), jnp.zeros((big, 2 * f), dt))
+    w_e, start, (first, full) = _weights(w, e, dt), start_e[e], _split(rows_e[e], big)
+    zeros = (jnp.zeros((big, d), jnp.float32), jnp.zeros((big, 2 * f), _stored(dt)))
     out = _first_chunk(padded, sizes, first, zeros, _rows(token_p, start, big),
                        _rows(weight_p, start, big), w_e)
     carry = chunk(start, out, carry)
@@ -137,7 +154,7 @@ def _forward(x_td, weight_p, w: ExpertWeights, token_p, start_e, rows_e, sizes):
 
     return lax.fori_loop(0, full, full_chunk, carry)
 
-  init = (jnp.zeros((t, d), jnp.float32), jnp.zeros((num_rows + big, 2 * f), dt))
+  init = (jnp.zeros((t, d), jnp.float32), jnp.zeros((num_rows + big, 2 * f), _stored(dt)))
   return lax.fori_loop(0, num_experts, expert_body, init)
 
 
@@ -145,6 +162,7 @@ def _forward(x_td, weight_p, w: ExpertWeights, token_p, start_e, rows_e, sizes):
 def expert_loop(x_td, weight_p, w: ExpertWeights, token_p, start_e, rows_e, sizes):
   """y_td = sum over rows of gate * SwiGLU_{expert of the row}(x_td[token]).
 
+  w: the experts in their own (parameter) dtype, cast per expert to x_td.dtype;
   weight_p, token_p [P]: gate and token of each row; start_e, rows_e [E]:
   expert e's rows start_e[e] .. start_e[e] + rows_e[e] - 1; sizes: the
   chunk sizes (static tuple R, 2R, ..., L; R divides every start_e, rows_e).
@@ -165,7 +183,7 @@ def _grad_rows(n, tok_r, gate_r, gu_rf, w_e, x_td, dy_td):
   tok_r, gate_r = tok_r[:n], gate_r[:n, None]
   x_rd = x_td.at[tok_r].get(mode="promise_in_bounds")  # [n,D]
   dy_rd = dy_td.at[tok_r].get(mode="promise_in_bounds")  # [n,D]
-  gu_rf = gu_rf[:n].astype(f32)
+  gu_rf = _load(gu_rf[:n], dt).astype(f32)
   g_rf, u_rf = gu_rf[:, :f], gu_rf[:, f:]
   sig_rf = jax.nn.sigmoid(g_rf)
   silu_rf = g_rf * sig_rf
@@ -204,7 +222,7 @@ def _bwd(sizes, res, dy_td):
 
   def expert_body(e, carry):
     dx_td, dgate_p, dwg, dwu, dwd = carry
-    w_e, start, (first, full) = _weights(w, e), start_e[e], _split(rows_e[e], big)
+    w_e, start, (first, full) = _weights(w, e, dt), start_e[e], _split(rows_e[e], big)
     zeros = (jnp.zeros((big, d), f32), jnp.zeros((big,), f32), jnp.zeros((d, 2 * f), f32),
              jnp.zeros((f, d), f32))
     dx_rd, dgate_r, dw_gu, dw_d = _first_chunk(padded, sizes, first, zeros, *rows_at(start), w_e)
