@@ -181,6 +181,34 @@ def print_profiles(runs: dict, compiled: dict) -> dict:
   return out
 
 
+def available_mib() -> float:
+  """MemAvailable of /proc/meminfo in MiB (inf where there is none)."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return float("inf")
+
+
+def print_goals(results: dict) -> None:
+  """The ratios the M12 goals are stated in (from the paired "x dense" medians)."""
+  x = {name: r["ratio_to_dense"] for name, r in results.items()}
+  ms = {name: r["ms"] for name, r in results.items()}
+  parts = []
+  for case in ("dropless_blocked", "capacity"):
+    if case in x:
+      parts.append(f"{case}: {x[case]:.2f}x dense")
+      if "flat_expert_ffn" in x:
+        parts[-1] += f", {x[case] / x['flat_expert_ffn']:.2f}x flat"
+      if "naive_onehot_einsum" in ms:
+        parts[-1] += f", {ms['naive_onehot_einsum'] / ms[case]:.1f}x faster than one-hot"
+  if parts:
+    print("goals: " + "; ".join(parts))
+
+
 def timed(run) -> float:
   t0 = time.perf_counter()
   jax.block_until_ready(run())
@@ -342,9 +370,13 @@ def main(argv=None):
     if only and name not in only and name != "dense_ffn":
       continue
     params = dense_w if which == "dense" else experts
-    runs[name], temp_mb[name], compiled[name] = compile_case(
-        grad_fn(layer, probe_td, args.forward_only), (x_td, weight_tk, params, idx_tk))
-    reps[name] = n
+    run, temp, comp = compile_case(grad_fn(layer, probe_td, args.forward_only),
+                                   (x_td, weight_tk, params, idx_tk))
+    free = available_mib()
+    if temp > 0.8 * free:
+      print(f"{name}: skipped, needs {temp:.0f} MiB of temporaries, {free:.0f} MiB available")
+      continue
+    runs[name], temp_mb[name], compiled[name], reps[name] = run, temp, comp, n
   ms = measure_all(runs, reps)
   results = {}
   print(f"{'case':26s} {'ms':>9s} {'min ms':>9s} {'x dense':>8s} {'ms/dense':>8s} "
@@ -356,6 +388,7 @@ def main(argv=None):
                      "peak_mb": temp_mb[name], "reps": reps[name]}
     print(f"{name:26s} {med:9.1f} {low:9.1f} {ratio:8.2f} {med / ms['dense_ffn'][0]:8.2f} "
           f"{temp_mb[name]:9.1f}  {reps[name]}")
+  print_goals(results)
   profiles = print_profiles(runs, compiled) if args.profile else {}
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(
