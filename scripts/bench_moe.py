@@ -3,7 +3,9 @@
 Measures, in one process, forward+backward time (jit, one warm-up run, median
 of reps; each rep right after a rep of dense_ffn, and the ratio to dense is
 the median of those paired ratios, which a shared machine's changing load
-hardly moves) and peak temporary memory (XLA's
+hardly moves; "cpu x" is the same for the process's CPU time, user + system
+over all threads, which waiting for a busy core does not count) and peak
+temporary memory (XLA's
 compiled memory_analysis().temp_size_in_bytes: every intermediate, not the
 inputs and outputs) of:
   dense_ffn             the model's SwiGLU FFN (dsmoe.model.layers.swiglu) of
@@ -43,6 +45,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import sys
 import time
 
@@ -209,10 +212,13 @@ def print_goals(results: dict) -> None:
     print("goals: " + "; ".join(parts))
 
 
-def timed(run) -> float:
-  t0 = time.perf_counter()
+def timed(run) -> tuple[float, float]:
+  """(wall ms, CPU ms of this process: user + system, all threads) of one run."""
+  r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
   jax.block_until_ready(run())
-  return 1e3 * (time.perf_counter() - t0)
+  t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+  cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+  return 1e3 * (t1 - t0), 1e3 * cpu
 
 
 def measure_all(runs: dict, reps: dict, reference: str = "dense_ffn") -> dict:
@@ -221,7 +227,7 @@ def measure_all(runs: dict, reps: dict, reference: str = "dense_ffn") -> dict:
   In each round every case that still has reps left is timed right after a
   run of the reference, so a change in the load of a shared machine hits
   both alike. Returns name -> (median ms, min ms, median of the per-round
-  ratios case / reference).
+  wall-time ratios case / reference, the same for CPU time).
   """
   for name, run in runs.items():
     if reps[name] > 1:
@@ -232,13 +238,14 @@ def measure_all(runs: dict, reps: dict, reference: str = "dense_ffn") -> dict:
     for name, run in runs.items():
       if r < reps[name]:
         t_ref = timed(runs[reference])
-        times[reference].append(t_ref)
+        times[reference].append(t_ref[0])
         t = t_ref if name == reference else timed(run)
         if name != reference:
-          times[name].append(t)
-        ratios[name].append(t / t_ref)
+          times[name].append(t[0])
+        ratios[name].append((t[0] / t_ref[0], t[1] / t_ref[1]))
   return {name: (float(np.median(times[name])), float(np.min(times[name])),
-                 float(np.median(ratios[name]))) for name in runs}
+                 float(np.median([w for w, _ in ratios[name]])),
+                 float(np.median([c for _, c in ratios[name]]))) for name in runs}
 
 
 def cases(args):
@@ -345,10 +352,10 @@ def model_main(args):
         f"jax {jax.__version__}, {jax.default_backend()}", flush=True)
   res = throughput.compare(configs, steps=args.model_steps)
   print(f"{'config':32s} {'GFLOP/tok':>9s} {'step ms':>8s} {'tokens/s':>9s} {'MFU':>6s} "
-        f"{'MFU/first':>9s}")
+        f"{'MFU/first':>9s} {'cpu':>6s}")
   for name, r in res.items():
     print(f"{name:32s} {r['gflops_per_token']:9.4f} {r['step_ms']:8.1f} {r['tokens_per_s']:9.0f} "
-          f"{r['mfu']:6.3f} {r['mfu_ratio']:9.3f}")
+          f"{r['mfu']:6.3f} {r['mfu_ratio']:9.3f} {r['cpu_mfu_ratio']:6.3f}")
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps({"model": res, "set": args.set}, indent=1))
   return res
@@ -380,14 +387,15 @@ def main(argv=None):
   ms = measure_all(runs, reps)
   results = {}
   print(f"{'case':26s} {'ms':>9s} {'min ms':>9s} {'x dense':>8s} {'ms/dense':>8s} "
-        f"{'temp MiB':>9s}  reps")
+        f"{'cpu x':>6s} {'temp MiB':>9s}  reps")
   for name in runs:
-    med, low, ratio = ms[name]
+    med, low, ratio, cpu_ratio = ms[name]
     results[name] = {"ms": med, "min_ms": low, "ratio_to_dense": ratio,
                      "ms_over_dense_ms": med / ms["dense_ffn"][0],
-                     "peak_mb": temp_mb[name], "reps": reps[name]}
+                     "cpu_ratio_to_dense": cpu_ratio, "peak_mb": temp_mb[name],
+                     "reps": reps[name]}
     print(f"{name:26s} {med:9.1f} {low:9.1f} {ratio:8.2f} {med / ms['dense_ffn'][0]:8.2f} "
-          f"{temp_mb[name]:9.1f}  {reps[name]}")
+          f"{cpu_ratio:6.2f} {temp_mb[name]:9.1f}  {reps[name]}")
   print_goals(results)
   profiles = print_profiles(runs, compiled) if args.profile else {}
   if args.json:

@@ -15,6 +15,7 @@ depend on it. Batches are random tokens (one document per row).
 
 from __future__ import annotations
 
+import resource
 import time
 
 import jax
@@ -87,7 +88,9 @@ def compare(configs: dict, *, steps: int = 10, warmup: int = 2,
   Every config runs `warmup` untimed steps (compilation), then `steps` rounds
   in which each config runs one timed step in turn. "step_ms" is the median
   step time; "mfu_ratio" is the median over rounds of this config's MFU
-  divided by the first config's in the same round.
+  divided by the first config's in the same round; "cpu_mfu_ratio" the same
+  with the process's CPU time in place of wall time (waiting for a core that
+  other processes hold does not count).
   """
   runs = {name: _stepper(c) for name, c in configs.items()}
   fpt = {name: accounting.flops_per_token(c) for name, c in configs.items()}
@@ -96,19 +99,31 @@ def compare(configs: dict, *, steps: int = 10, warmup: int = 2,
       run()
   peak = (peak_flops or metrics_lib.measure_peak_flops()) * jax.device_count()
   times = {name: [] for name in runs}
+  cpu = {name: [] for name in runs}
   for _ in range(steps):
     for name, (run, _) in runs.items():
-      t0 = time.perf_counter()
+      c0, t0 = _cpu_seconds(), time.perf_counter()
       run()
       times[name].append(time.perf_counter() - t0)
+      cpu[name].append(_cpu_seconds() - c0)
   first = next(iter(runs))
   work = {name: runs[name][1] * fpt[name] for name in runs}  # FLOPs per step
+
+  def ratio(per_step, name):  # median over rounds of FLOP rate / the first's
+    mine, ref = np.asarray(per_step[name]), np.asarray(per_step[first])
+    return float(np.median((work[name] / mine) / (work[first] / ref)))
+
   out = {}
   for name, ts in times.items():
-    ts = np.asarray(ts)
-    ratio = (work[name] / ts) / (work[first] / np.asarray(times[first]))
     tps = runs[name][1] / float(np.median(ts))
     out[name] = {"step_ms": 1e3 * float(np.median(ts)), "tokens_per_s": tps,
                  "gflops_per_token": fpt[name] / 1e9, "mfu": tps * fpt[name] / peak,
-                 "mfu_ratio": float(np.median(ratio)), "peak_gflops": peak / 1e9}
+                 "mfu_ratio": ratio(times, name), "cpu_mfu_ratio": ratio(cpu, name),
+                 "peak_gflops": peak / 1e9}
   return out
+
+
+def _cpu_seconds() -> float:
+  """User + system CPU time of this process (all threads)."""
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
