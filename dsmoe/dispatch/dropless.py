@@ -65,12 +65,13 @@ def resolve_strategy(strategy: str, platform: str | None = None) -> str:
 
 LOOP_MAX_CHUNK = 1024  # rows: an expert with more rows runs several chunks
 LOOP_MAX_BRANCHES = 16  # chunk sizes R, 2R, ..., 16R: one compiled branch each
+LOOP_CHUNK_OVER_MEAN = 1.25  # a chunk holds the mean rows per expert + 25%
 
 
 def _loop_target(num_pairs: int, num_experts: int) -> int:
   """The rows one chunk of the loop should hold: a fairly loaded expert's
   (the mean rows per expert + 25%), at most LOOP_MAX_CHUNK."""
-  return min(LOOP_MAX_CHUNK, max(1, math.ceil(1.25 * num_pairs / num_experts)))
+  return min(LOOP_MAX_CHUNK, max(1, math.ceil(LOOP_CHUNK_OVER_MEAN * num_pairs / num_experts)))
 
 
 def auto_block_size(num_pairs: int, num_experts: int, strategy: str) -> int:
