@@ -6,8 +6,9 @@ Steps:
   1. layout: the T*K pairs sorted by expert (stable); for the "blocked"
      backend each expert's rows are padded to a multiple of the block size R;
   2. backend "blocked", strategy "loop" (expert_loop.py): one fused loop over
-     the single-expert blocks that gathers each block's token rows, runs the
-     expert's SwiGLU and scatter-adds gate * output into y_td, with a
+     the experts that gathers each expert's token rows (as one chunk of up
+     to ~1.25x the mean rows per expert, :func:`loop_chunk_sizes`), runs
+     its SwiGLU and scatter-adds gate * output into y_td, with a
      hand-written backward loop; no permuted buffer exists;
   2'. otherwise: permute the token rows into a buffer x_pd [P, D]; grouped
      SwiGLU (backend "blocked", strategy "batched": batched matmuls with
@@ -119,7 +120,8 @@ def ragged_swiglu(x_pd, group_sizes_e, experts: ExpertWeights):
 
 
 def _loop(x_td, idx_tk, weight_tk, w: ExpertWeights, block: int):
-  """Backend "blocked", strategy "loop": layout, then the fused loop."""
+  """Backend "blocked", strategy "loop": layout, then the fused loop (which
+  takes the weights in their own dtype and casts them per expert)."""
   num_experts = w.w_gate_edf.shape[0]
   lay = layout_lib.blocked_layout(idx_tk, num_experts, block)
   rows = min(_loop_target(idx_tk.size, num_experts), lay.token_p.shape[0] // block * block)

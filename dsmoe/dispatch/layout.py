@@ -125,16 +125,15 @@ def capacity_layout(idx_tk: jax.Array, weight_tk: jax.Array, num_experts: int,
   pair in it; 3. keep rank < C; 4. inverse maps over the E*C rows.
   """
   t, k = idx_tk.shape
-  stride = cap
   expert_s = idx_tk.reshape(-1).astype(jnp.int32)  # [S]
   order_s = priority_order(expert_s, weight_tk.reshape(-1), policy)
   rank_s, sizes_e = _rank_in_expert(expert_s, order_s, num_experts)
   kept_s = rank_s < cap
-  num_rows = num_experts * stride
-  row_s = jnp.where(kept_s, expert_s * stride + rank_s, num_rows)  # [S]
+  num_rows = num_experts * cap
+  row_s = jnp.where(kept_s, expert_s * cap + rank_s, num_rows)  # [S]
   token_p, pair_p = _rows_to_pairs(row_s, num_rows, k)
   dropped = jnp.sum(~kept_s).astype(jnp.float32)
   block_end_e = jnp.arange(1, num_experts + 1, dtype=jnp.int32)  # one block of C each
-  start_e = jnp.arange(num_experts, dtype=jnp.int32) * stride
+  start_e = jnp.arange(num_experts, dtype=jnp.int32) * cap
   return Layout(row_s.reshape(t, k), token_p, pair_p, block_end_e, dropped, start_e,
                 jnp.minimum(sizes_e, cap))
