@@ -3,11 +3,14 @@
 Measures, in one process, forward+backward time (jit, one warm-up run, median
 of reps; each rep right after a rep of dense_ffn, and the ratio to dense is
 the median of those paired ratios, which a shared machine's changing load
-hardly moves) and peak temporary memory (XLA's
+hardly moves; "cpu x" is the same for the process's CPU time, user + system
+over all threads, which waiting for a busy core does not count) and peak
+temporary memory (XLA's
 compiled memory_analysis().temp_size_in_bytes: every intermediate, not the
 inputs and outputs) of:
-  dense_ffn             one SwiGLU FFN of hidden top_k * expert_hidden: the same
-                        activated FLOPs as the MoE layer, the physical limit;
+  dense_ffn             the model's SwiGLU FFN (dsmoe.model.layers.swiglu) of
+                        hidden top_k * expert_hidden: the same activated FLOPs
+                        as the MoE layer, the physical limit;
   flat_expert_ffn       all T*K pairs through ONE expert's weights: same FLOPs
                         and matmul shapes as the MoE, no routing (shape limit);
   capacity              dsmoe capacity dispatch (factor --capacity-factor);
@@ -25,16 +28,30 @@ The gradient is taken w.r.t. the tokens, the gate weights and all weights.
     python scripts/bench_moe.py                       # default shape, float32
     python scripts/bench_moe.py --dtype bfloat16 --json /tmp/moe.json
 
-Runs without ml_collections (dsmoe.dispatch takes explicit arguments).
+--model instead times whole-model training (dsmoe.train.throughput): the real
+jitted train step of each given MoE config and of the dense config of equal
+activated FLOPs (every MoE FFN replaced by a SwiGLU FFN of hidden
+(K_s + K') * expert_hidden), in turns, and reports tokens/s and MFU:
+
+    python scripts/bench_moe.py --model ablation:deepseekmoe,ablation:gshard
+
+The layer benchmark runs without ml_collections (dsmoe.dispatch takes
+explicit arguments); --model needs the training stack.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import resource
 import sys
 import time
+
+if "--profile" in sys.argv:  # XLA:CPU records per-op events only with this flag
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_cpu_enable_xprof_traceme=true").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -43,6 +60,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from dsmoe import dispatch  # noqa: E402  (needs neither ml_collections nor data)
 from dsmoe.dispatch import capacity, dropless  # noqa: E402
+from dsmoe.model import layers  # noqa: E402  (flax; no ml_collections)
 
 
 # ----------------------------------------------------------------------------
@@ -50,10 +68,8 @@ from dsmoe.dispatch import capacity, dropless  # noqa: E402
 # ----------------------------------------------------------------------------
 
 def dense_ffn(x_td, w1_df, w2_df, w3_fd):
-  dt = x_td.dtype
-  g = jnp.einsum("td,df->tf", x_td, w1_df.astype(dt))  # [T,K*F]
-  u = jnp.einsum("td,df->tf", x_td, w2_df.astype(dt))  # [T,K*F]
-  return jnp.einsum("tf,fd->td", jax.nn.silu(g) * u, w3_fd.astype(dt))  # [T,D]
+  """The model's dense SwiGLU FFN (dsmoe.model.layers.swiglu) of hidden K*F."""
+  return layers.swiglu(x_td, w1_df, w2_df, w3_fd)  # [T,D]
 
 
 def flat_expert_ffn(x_td, idx_tk, weight_tk, w):
@@ -146,17 +162,63 @@ def grad_fn(layer, probe_td, forward_only=False):
 
 
 def compile_case(fn, operands):
-  """Ahead-of-time compile; returns (run(), temporary memory in MiB)."""
+  """Ahead-of-time compile; returns (run(), temporary memory in MiB, compiled)."""
   compiled = fn.lower(*operands).compile()
   mem = compiled.memory_analysis()
   temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
-  return (lambda: compiled(*operands)), (temp / 2**20 if temp else float("nan"))
+  return (lambda: compiled(*operands)), (temp / 2**20 if temp else float("nan")), compiled
 
 
-def timed(run) -> float:
-  t0 = time.perf_counter()
+def print_profiles(runs: dict, compiled: dict) -> dict:
+  """--profile: op time per kind of op (dsmoe.profiling), one traced run per case."""
+  from dsmoe import profiling  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name, run in runs.items():
+    jax.block_until_ready(run())
+    kinds = profiling.op_time_breakdown(compiled[name], run)
+    total = sum(ms for ms, _ in kinds.values())
+    out[name] = {k: {"ms": ms, "ops": n} for k, (ms, n) in kinds.items()}
+    parts = "  ".join(f"{k} {ms:.1f} ({100 * ms / total:.0f}%, {n})"
+                      for k, (ms, n) in kinds.items() if ms >= 0.005 * total)
+    print(f"profile {name}: op time {total:.1f} ms = {parts}", flush=True)
+  return out
+
+
+def available_mib() -> float:
+  """MemAvailable of /proc/meminfo in MiB (inf where there is none)."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return float("inf")
+
+
+def print_goals(results: dict) -> None:
+  """The ratios the M12 goals are stated in (from the paired "x dense" medians)."""
+  x = {name: r["ratio_to_dense"] for name, r in results.items()}
+  ms = {name: r["ms"] for name, r in results.items()}
+  parts = []
+  for case in ("dropless_blocked", "capacity"):
+    if case in x:
+      parts.append(f"{case}: {x[case]:.2f}x dense")
+      if "flat_expert_ffn" in x:
+        parts[-1] += f", {x[case] / x['flat_expert_ffn']:.2f}x flat"
+      if "naive_onehot_einsum" in ms:
+        parts[-1] += f", {ms['naive_onehot_einsum'] / ms[case]:.1f}x faster than one-hot"
+  if parts:
+    print("goals: " + "; ".join(parts))
+
+
+def timed(run) -> tuple[float, float]:
+  """(wall ms, CPU ms of this process: user + system, all threads) of one run."""
+  r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
   jax.block_until_ready(run())
-  return 1e3 * (time.perf_counter() - t0)
+  t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+  cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+  return 1e3 * (t1 - t0), 1e3 * cpu
 
 
 def measure_all(runs: dict, reps: dict, reference: str = "dense_ffn") -> dict:
@@ -165,7 +227,7 @@ def measure_all(runs: dict, reps: dict, reference: str = "dense_ffn") -> dict:
   In each round every case that still has reps left is timed right after a
   run of the reference, so a change in the load of a shared machine hits
   both alike. Returns name -> (median ms, min ms, median of the per-round
-  ratios case / reference).
+  wall-time ratios case / reference, the same for CPU time).
   """
   for name, run in runs.items():
     if reps[name] > 1:
@@ -176,13 +238,14 @@ def measure_all(runs: dict, reps: dict, reference: str = "dense_ffn") -> dict:
     for name, run in runs.items():
       if r < reps[name]:
         t_ref = timed(runs[reference])
-        times[reference].append(t_ref)
+        times[reference].append(t_ref[0])
         t = t_ref if name == reference else timed(run)
         if name != reference:
-          times[name].append(t)
-        ratios[name].append(t / t_ref)
+          times[name].append(t[0])
+        ratios[name].append((t[0] / t_ref[0], t[1] / t_ref[1]))
   return {name: (float(np.median(times[name])), float(np.min(times[name])),
-                 float(np.median(ratios[name]))) for name in runs}
+                 float(np.median([w for w, _ in ratios[name]])),
+                 float(np.median([c for _, c in ratios[name]]))) for name in runs}
 
 
 def cases(args):
@@ -237,11 +300,71 @@ def parse_args(argv=None):
   p.add_argument("--only", default="", help="comma-separated subset of case names")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default="", help="write the results to this file")
+  p.add_argument("--profile", action="store_true",
+                 help="also trace one run of each case and print its op time per kind "
+                      "of op (matmul, gather, scatter-add, zeros, copy, ...; ms, %%, ops)")
+  p.add_argument("--model", default="",
+                 help="comma-separated MoE configs (dsmoe.load names, e.g. "
+                      "ablation:deepseekmoe): whole-model training next to the dense "
+                      "config of equal activated FLOPs, instead of the layer benchmark")
+  p.add_argument("--model-steps", type=int, default=10, help="--model: timed steps each")
+  p.add_argument("--extra", default="",
+                 help="--model: comma-separated further configs to time (e.g. ablation:dense)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="--model: override a config key in every config "
+                      "(e.g. model.moe.impl=capacity); repeatable")
   return p.parse_args(argv)
+
+
+def _override(config, assignments):
+  """key=value assignments (Python literals, else strings) on a ConfigDict."""
+  import ast  # pylint: disable=g-import-not-at-top
+  for item in assignments:
+    key, _, text = item.partition("=")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *path, last = key.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
+def model_main(args):
+  """--model: tokens/s and MFU of each MoE config and its dense equivalent."""
+  import dsmoe  # pylint: disable=g-import-not-at-top
+  from dsmoe.train import throughput  # pylint: disable=g-import-not-at-top
+  moe_names = [n for n in args.model.split(",") if n]
+  configs = {}
+  for name in moe_names:
+    cfg = _override(dsmoe.load(name), args.set)
+    dense = throughput.dense_equivalent(cfg)
+    hidden = dense.model.dense_hidden
+    configs.setdefault(f"dense_equivalent(hidden {hidden})", dense)
+    configs[name] = cfg
+  for name in filter(None, args.extra.split(",")):
+    configs[name] = _override(dsmoe.load(name), args.set)
+  configs = dict(sorted(configs.items(), key=lambda kv: not kv[0].startswith("dense_eq")))
+  print(f"--model: {len(configs)} configs, {args.model_steps} timed steps each, in turns; "
+        f"jax {jax.__version__}, {jax.default_backend()}", flush=True)
+  res = throughput.compare(configs, steps=args.model_steps)
+  print(f"{'config':32s} {'GFLOP/tok':>9s} {'step ms':>8s} {'tokens/s':>9s} {'MFU':>6s} "
+        f"{'MFU/first':>9s} {'cpu':>6s}")
+  for name, r in res.items():
+    print(f"{name:32s} {r['gflops_per_token']:9.4f} {r['step_ms']:8.1f} {r['tokens_per_s']:9.0f} "
+          f"{r['mfu']:6.3f} {r['mfu_ratio']:9.3f} {r['cpu_mfu_ratio']:6.3f}")
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps({"model": res, "set": args.set}, indent=1))
+  return res
 
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.model:
+    return model_main(args)
   x_td, idx_tk, weight_tk, experts, dense_w, probe_td = make_inputs(args)
   shape = {k: getattr(args, k) for k in ("tokens", "d_model", "experts", "expert_hidden",
                                          "top_k", "dtype", "block_size", "capacity_factor")}
@@ -249,26 +372,35 @@ def main(argv=None):
   shape["pass"] = "forward" if args.forward_only else "forward+backward"
   print(f"shape {shape}  jax {jax.__version__}", flush=True)
   only = set(filter(None, args.only.split(",")))
-  runs, reps, temp_mb = {}, {}, {}
+  runs, reps, temp_mb, compiled = {}, {}, {}, {}
   for name, (layer, which, n) in cases(args).items():
     if only and name not in only and name != "dense_ffn":
       continue
     params = dense_w if which == "dense" else experts
-    runs[name], temp_mb[name] = compile_case(grad_fn(layer, probe_td, args.forward_only), (x_td, weight_tk, params, idx_tk))
-    reps[name] = n
+    run, temp, comp = compile_case(grad_fn(layer, probe_td, args.forward_only),
+                                   (x_td, weight_tk, params, idx_tk))
+    free = available_mib()
+    if temp > 0.8 * free:
+      print(f"{name}: skipped, needs {temp:.0f} MiB of temporaries, {free:.0f} MiB available")
+      continue
+    runs[name], temp_mb[name], compiled[name], reps[name] = run, temp, comp, n
   ms = measure_all(runs, reps)
   results = {}
   print(f"{'case':26s} {'ms':>9s} {'min ms':>9s} {'x dense':>8s} {'ms/dense':>8s} "
-        f"{'temp MiB':>9s}  reps")
+        f"{'cpu x':>6s} {'temp MiB':>9s}  reps")
   for name in runs:
-    med, low, ratio = ms[name]
+    med, low, ratio, cpu_ratio = ms[name]
     results[name] = {"ms": med, "min_ms": low, "ratio_to_dense": ratio,
                      "ms_over_dense_ms": med / ms["dense_ffn"][0],
-                     "peak_mb": temp_mb[name], "reps": reps[name]}
+                     "cpu_ratio_to_dense": cpu_ratio, "peak_mb": temp_mb[name],
+                     "reps": reps[name]}
     print(f"{name:26s} {med:9.1f} {low:9.1f} {ratio:8.2f} {med / ms['dense_ffn'][0]:8.2f} "
-          f"{temp_mb[name]:9.1f}  {reps[name]}")
+          f"{cpu_ratio:6.2f} {temp_mb[name]:9.1f}  {reps[name]}")
+  print_goals(results)
+  profiles = print_profiles(runs, compiled) if args.profile else {}
   if args.json:
-    pathlib.Path(args.json).write_text(json.dumps({"shape": shape, "results": results}, indent=1))
+    pathlib.Path(args.json).write_text(json.dumps(
+        {"shape": shape, "results": results, "profiles": profiles}, indent=1))
   return results
 
 

@@ -192,33 +192,75 @@ def test_bfloat16_close_to_float32_reference(impl):
     np.testing.assert_allclose(g, r, atol=0.03 * float(jnp.abs(r).max()))
 
 
-def test_blocked_layout_blocks_hold_one_expert():
-  """Every used row of a block belongs to that block's expert; padding < B per expert."""
+@pytest.mark.parametrize("cap", [0, 5])
+def test_blocked_layout_blocks_hold_one_expert(cap):
+  """Every used row of a block belongs to that block's expert; padding < B per
+  expert; start_e/count_e describe the rows; with a capacity, exactly the
+  first `cap` pairs of each expert (flat order) are kept, the rest dropped."""
   from dsmoe.dispatch import layout  # pylint: disable=g-import-not-at-top
-  _, idx, _, _ = make_case(4, 50, 7, 3, mode="few_experts")
+  _, idx, weight, _ = make_case(4, 50, 7, 3, mode="few_experts")
   block = 4
-  lay = layout.blocked_layout(idx, 7, block)
+  lay = layout.blocked_layout(idx, 7, block, cap=cap, weight_tk=weight)
   pair_p = np.asarray(lay.pair_p)
   ends = np.asarray(lay.block_end_e)
   starts = np.r_[0, ends[:-1]]
   flat = np.asarray(idx).reshape(-1)
+  expected = [np.flatnonzero(flat == e)[:cap or None] for e in range(7)]
   seen = []
   for e in range(7):
     rows = pair_p[starts[e] * block:ends[e] * block]
     used = rows[rows < flat.size]
-    assert np.all(flat[used] == e)
+    np.testing.assert_array_equal(used, expected[e])  # kept pairs, in order
     assert len(rows) - len(used) < block
+    assert lay.start_e[e] == starts[e] * block and lay.count_e[e] == len(used)
     seen.extend(used.tolist())
-  assert sorted(seen) == list(range(flat.size))  # every pair exactly once
-  np.testing.assert_array_equal(pair_p[np.asarray(lay.row_tk).reshape(-1)], np.arange(flat.size))
+  kept = np.sort(np.concatenate(expected))
+  assert sorted(seen) == kept.tolist()  # every kept pair exactly once
+  row_s = np.asarray(lay.row_tk).reshape(-1)
+  np.testing.assert_array_equal(pair_p[row_s[kept]], kept)
+  assert np.all(row_s[np.setdiff1d(np.arange(flat.size), kept)] >= pair_p.size)  # dropped
+  assert float(lay.dropped) == flat.size - kept.size
 
 
 def test_auto_block_size():
-  assert dropless.auto_block_size(24576, 64, "loop") == 128
-  assert dropless.auto_block_size(24576, 64, "batched") == 256
+  # loop: chunks of ~1.25x the mean rows per expert in <= 16 blocks of R rows
+  assert dropless.auto_block_size(24576, 64, "loop") == 32  # 480 rows -> 15 blocks
+  assert dropless.auto_block_size(14336, 63, "loop") == 32  # 285 rows -> 9 blocks
   assert dropless.auto_block_size(40, 6, "loop") == 8
-  assert dropless.auto_block_size(1000, 8, "loop") == 64
+  assert dropless.auto_block_size(10**6, 8, "loop") == 64  # chunk capped at 1024 rows
+  assert dropless.auto_block_size(24576, 64, "batched") == 256
+  assert dropless.auto_block_size(1000, 8, "batched") == 64
   assert dropless.resolve_block_size(32, 24576, 64, "loop") == 32
+
+
+def test_loop_chunk_sizes():
+  assert dropless.loop_chunk_sizes(32, 480) == tuple(range(32, 481, 32))
+  assert dropless.loop_chunk_sizes(32, 470) == tuple(range(32, 481, 32))  # rounded up
+  assert dropless.loop_chunk_sizes(4, 1000) == tuple(range(4, 65, 4))  # at most 16 R
+  assert dropless.loop_chunk_sizes(64, 10) == (64,)
+
+
+@pytest.mark.parametrize("block,chunk_rows", [(2, 4), (4, 64), (8, 8)])
+def test_expert_loop_chunks_match_dense(block, chunk_rows):
+  """Experts with no rows, with fewer rows than one chunk and with several
+  chunks' worth (the first chunk's padded writes are overwritten by later
+  chunks) all match the dense reference, values and gradients."""
+  from dsmoe.dispatch import expert_loop, layout  # pylint: disable=g-import-not-at-top
+  t, e, k = 30, 6, 2
+  rng = np.random.default_rng(11)
+  # expert 0 takes every token (30 rows), experts 4 and 5 none.
+  idx = np.stack([np.r_[0, rng.integers(1, 4)] for _ in range(t)]).astype(np.int32)
+  x, _, weight, experts = make_case(2, t, e, k)
+  sizes = dropless.loop_chunk_sizes(block, chunk_rows)
+
+  def fn(x, i, w, ex):
+    lay = layout.blocked_layout(i, e, block)
+    return dispatch.DispatchResult(expert_loop.run_layout(x, w, ex, lay, sizes), jnp.zeros(()))
+
+  ref, ref_grads = value_and_grads(dense.dispatch, x, jnp.asarray(idx), weight, experts)
+  res, grads = value_and_grads(fn, x, jnp.asarray(idx), weight, experts)
+  assert_same(res.y_td, ref.y_td)
+  assert_same(grads, ref_grads)
 
 
 def test_auto_settings_resolve_per_platform():

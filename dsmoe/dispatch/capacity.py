@@ -1,4 +1,4 @@
-"""Capacity dispatch (Switch / GShard): E fixed expert buffers of C rows.
+"""Capacity dispatch (Switch / GShard): at most C pairs per expert.
 
     dispatch(x_td, idx_tk, weight_tk, experts, *, factor, policy, strategy)
 
@@ -10,12 +10,15 @@ Steps:
      "score" = higher gate weight first, as DeepSeek-V2); pairs of rank >= C
      are dropped: they skip the routed experts (the caller still adds the
      residual and the shared experts);
-  3. strategy "loop" (CPU; expert_loop.py): the E buffers are the blocks of
-     the fused loop: per expert, gather its (at most C) token rows by index
-     (never a one-hot), SwiGLU, scatter-add gate * output into y_td; empty
-     rows have gate 0. Strategy "batched": index gather into x_ecd
-     [E, C, D], batched matmuls over E, gather-back combine. "auto": "loop"
-     on CPU, "batched" elsewhere.
+  3. strategy "loop" (CPU; expert_loop.py): no [E, C] buffers at all: the
+     kept pairs are packed by expert like dropless ones (each expert's
+     min(n_e, C) rows padded to a block of R rows, R chosen so that C is at
+     most 16 blocks), and the fused loop runs each expert's rows as one
+     chunk: gather its token rows by index (never a one-hot), SwiGLU,
+     scatter-add gate * output into y_td. An underfull expert costs only
+     its rows, not C. Strategy "batched": index gather into x_ecd [E, C, D],
+     batched matmuls over E, gather-back combine. "auto": "loop" on CPU,
+     "batched" elsewhere.
 
 Returns the dropped fraction = dropped pairs / (T * K).
 """
@@ -24,9 +27,9 @@ from __future__ import annotations
 
 from dsmoe.dispatch import block_batched
 from dsmoe.dispatch import layout as layout_lib
-from dsmoe.dispatch.common import DispatchResult, ExpertWeights, cast, gate_per_row
-from dsmoe.dispatch.dropless import resolve_strategy
-from dsmoe.dispatch.expert_loop import expert_loop
+from dsmoe.dispatch.common import DispatchResult, ExpertWeights, cast
+from dsmoe.dispatch import expert_loop
+from dsmoe.dispatch.dropless import loop_block_size, loop_chunk_sizes, resolve_strategy
 from dsmoe.dispatch.permute import combine, permute
 
 
@@ -38,13 +41,15 @@ def dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, factor: float,
   t, k = x_td.shape[0], idx_tk.shape[1]
   num_experts = experts.w_gate_edf.shape[0]
   cap = layout_lib.capacity(t, k, num_experts, factor)
-  lay = layout_lib.capacity_layout(idx_tk, weight_tk, num_experts, cap, policy)
-  w = cast(experts, x_td.dtype)
   if resolve_strategy(strategy) == "loop":
-    weight_ec = gate_per_row(weight_tk, lay.pair_p).reshape(-1, cap)  # 0: empty row
-    y_td = expert_loop(x_td, weight_ec, w, lay.token_p.reshape(-1, cap),
-                       lay.block_end_e)  # [T,D]
+    block = loop_block_size(cap)
+    lay = layout_lib.blocked_layout(idx_tk, num_experts, block, cap=cap, weight_tk=weight_tk,
+                                    policy=policy)  # kept pairs packed, no [E, C] buffers
+    sizes = loop_chunk_sizes(block, cap)  # one chunk per expert (C <= 16 R)
+    y_td = expert_loop.run_layout(x_td, weight_tk, experts, lay, sizes)  # [T,D]
   else:  # "batched": the [E, C, D] buffer, batched matmuls over E
+    w = cast(experts, x_td.dtype)
+    lay = layout_lib.capacity_layout(idx_tk, weight_tk, num_experts, cap, policy)
     x_pd = permute(x_td, lay.token_p, lay.row_tk, may_drop=True)  # [E*C,D]
     y_ecd = block_batched.block_swiglu(x_pd.reshape(num_experts, cap, -1), w)  # [E,C,D]
     y_td = combine(y_ecd.reshape(x_pd.shape), weight_tk, lay.row_tk, lay.token_p,

@@ -6,8 +6,9 @@ Steps:
   1. layout: the T*K pairs sorted by expert (stable); for the "blocked"
      backend each expert's rows are padded to a multiple of the block size R;
   2. backend "blocked", strategy "loop" (expert_loop.py): one fused loop over
-     the single-expert blocks that gathers each block's token rows, runs the
-     expert's SwiGLU and scatter-adds gate * output into y_td, with a
+     the experts that gathers each expert's token rows (as one chunk of up
+     to ~1.25x the mean rows per expert, :func:`loop_chunk_sizes`), runs
+     its SwiGLU and scatter-adds gate * output into y_td, with a
      hand-written backward loop; no permuted buffer exists;
   2'. otherwise: permute the token rows into a buffer x_pd [P, D]; grouped
      SwiGLU (backend "blocked", strategy "batched": batched matmuls with
@@ -32,13 +33,15 @@ No token is ever dropped and every shape is static.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from dsmoe.dispatch import block_batched
 from dsmoe.dispatch import layout as layout_lib
-from dsmoe.dispatch.common import DispatchResult, ExpertWeights, cast, gate_per_row, no_drops
-from dsmoe.dispatch.expert_loop import expert_loop
+from dsmoe.dispatch.common import DispatchResult, ExpertWeights, cast, no_drops
+from dsmoe.dispatch import expert_loop
 from dsmoe.dispatch.permute import combine, permute
 from pallas_kernels import gmm as pallas_gmm
 
@@ -73,23 +76,52 @@ def resolve_strategy(strategy: str, platform: str | None = None) -> str:
   return "loop" if platform == "cpu" else "batched"
 
 
-def auto_block_size(num_pairs: int, num_experts: int, strategy: str) -> int:
-  """Rows per block: a cap (128 for "loop", 256 for "batched"), or less when
-  experts get fewer rows (a power of two >= 8 near the mean rows per expert).
+LOOP_MAX_CHUNK = 1024  # rows: an expert with more rows runs several chunks
+LOOP_MAX_BRANCHES = 16  # chunk sizes R, 2R, ..., 16R: one compiled branch each
+LOOP_CHUNK_OVER_MEAN = 1.25  # a chunk holds the mean rows per expert + 25%
 
-  Measured on a 2-core CPU (T*K=24576 rows, 64 experts, D=512, F=256): 128
-  beats 64 (smaller matmuls) and 256 (more padding) by ~5-10% in the loop;
-  "batched" gathers one weight copy per block, so larger blocks pay off.
+
+def _loop_target(num_pairs: int, num_experts: int) -> int:
+  """The rows one chunk of the loop should hold: a fairly loaded expert's
+  (the mean rows per expert + 25%), at most LOOP_MAX_CHUNK."""
+  return min(LOOP_MAX_CHUNK, max(1, math.ceil(LOOP_CHUNK_OVER_MEAN * num_pairs / num_experts)))
+
+
+def auto_block_size(num_pairs: int, num_experts: int, strategy: str) -> int:
+  """Rows per block R (each expert's rows are padded to a multiple of R).
+
+  "loop": the smallest power of two >= 8 that splits a chunk of
+  :func:`_loop_target` rows into at most LOOP_MAX_BRANCHES blocks (the
+  mean expert then runs as one chunk; its padding is below R rows). At the
+  default shape (T*K = 24576 pairs, 64 experts) that is R = 32 and chunks
+  of up to 480 rows. "batched": a power of two >= 8 near the mean rows per
+  expert, at most 256 (each block gathers a copy of its expert's weights,
+  so larger blocks pay off).
   """
-  cap = 128 if strategy == "loop" else 256
+  if strategy == "loop":
+    return loop_block_size(_loop_target(num_pairs, num_experts))
   per_expert = max(1, num_pairs // num_experts)
-  return int(min(cap, max(8, 1 << (per_expert.bit_length() - 1))))
+  return int(min(256, max(8, 1 << (per_expert.bit_length() - 1))))
 
 
 def resolve_block_size(block_size: int, num_pairs: int, num_experts: int,
                        strategy: str) -> int:
   """`block_size`, or (0) the one :func:`auto_block_size` picks."""
   return block_size or auto_block_size(num_pairs, num_experts, strategy)
+
+
+def loop_block_size(chunk_rows: int) -> int:
+  """The smallest power of two >= 8 that cuts `chunk_rows` into at most
+  LOOP_MAX_BRANCHES blocks."""
+  per_branch = math.ceil(min(chunk_rows, LOOP_MAX_CHUNK) / LOOP_MAX_BRANCHES)
+  return max(8, 1 << (per_branch - 1).bit_length())
+
+
+def loop_chunk_sizes(block: int, chunk_rows: int) -> tuple[int, ...]:
+  """The chunk sizes R, 2R, ..., L of the fused loop (expert_loop.py): L is
+  `chunk_rows` rounded up to a multiple of R, at most LOOP_MAX_BRANCHES * R."""
+  blocks = max(1, min(math.ceil(chunk_rows / block), LOOP_MAX_BRANCHES))
+  return tuple(block * i for i in range(1, blocks + 1))
 
 
 def ragged_swiglu(x_pd, group_sizes_e, experts: ExpertWeights):
@@ -108,11 +140,13 @@ def pallas_swiglu(x_pd, group_sizes_e, experts: ExpertWeights, tiling: pallas_gm
 
 
 def _loop(x_td, idx_tk, weight_tk, w: ExpertWeights, block: int):
-  """Backend "blocked", strategy "loop": layout, then the fused loop."""
-  lay = layout_lib.blocked_layout(idx_tk, w.w_gate_edf.shape[0], block)
-  weight_gr = gate_per_row(weight_tk, lay.pair_p).reshape(-1, block)  # [G,R]
-  return expert_loop(x_td, weight_gr, w, lay.token_p.reshape(-1, block),
-                     lay.block_end_e)  # [T,D]
+  """Backend "blocked", strategy "loop": layout, then the fused loop (which
+  takes the weights in their own dtype and casts them per expert)."""
+  num_experts = w.w_gate_edf.shape[0]
+  lay = layout_lib.blocked_layout(idx_tk, num_experts, block)
+  rows = min(_loop_target(idx_tk.size, num_experts), lay.token_p.shape[0] // block * block)
+  sizes = loop_chunk_sizes(block, rows)
+  return expert_loop.run_layout(x_td, weight_tk, w, lay, sizes)  # [T,D]
 
 
 def _permuted(x_td, idx_tk, weight_tk, w: ExpertWeights, block: int, backend: str):
@@ -154,8 +188,8 @@ def dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, backend: str = 
   else:
     strategy = resolve_strategy(strategy)
     block = resolve_block_size(block_size, idx_tk.size, w.w_gate_edf.shape[0], strategy)
-    if strategy == "loop":
-      y_td = _loop(x_td, idx_tk, weight_tk, w, block)
+    if strategy == "loop":  # casts each expert's weights itself
+      y_td = _loop(x_td, idx_tk, weight_tk, experts, block)
     else:
       y_td = _permuted(x_td, idx_tk, weight_tk, w, block, backend)
   return DispatchResult(y_td, no_drops())

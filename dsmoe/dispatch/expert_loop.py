@@ -1,31 +1,45 @@
-"""The fused expert loop: gather -> SwiGLU -> gate * scatter-add, per block (CPU).
+"""The fused expert loop: gather -> SwiGLU -> gate * scatter-add, per expert (CPU).
 
 Not a grouped matmul: one loop does the whole routed-expert computation
 without ever building the permuted [T*K, D] buffer.
 
 The layout (layout.py) gives every kept (token, slot) pair a row of a
-virtual buffer of P = G * R rows, sorted by expert, such that expert e owns
-blocks block_end_e[e-1] .. block_end_e[e]-1 (R rows each); token_gr and
-weight_gr [G, R] give each row's token and gate (0 for padding and dropped
-rows).
+virtual buffer of P rows, grouped by expert: expert e owns the rows
+start_e[e] .. start_e[e] + rows_e[e] - 1 (a multiple of the block size R,
+padding rows included); token_p and weight_p [P] give each row's token and
+gate (0 for padding and dropped rows).
 
 A loop over the experts slices expert e's weights once ([D, 2F]: gate and
-up side by side, and [F, D]); an inner loop over e's blocks (a dynamic
-count, so unused blocks cost nothing) does, per block:
+up side by side, and [F, D]) and runs its rows as few, large chunks
+(`sizes` = R, 2R, ..., L): one chunk of `first` rows, first in [R, L], then
+(rows - first) / L chunks of L rows. An expert with at most L rows (the
+usual case: L is chosen above the mean rows per expert) is ONE chunk, so
+its matmuls are as large as they can be and the per-chunk work (a dozen
+small ops forward, two dozen backward) is paid once per expert. The first
+chunk's size is data-dependent: a lax.switch runs the branch compiled for
+it. The branches only compute: they return their rows padded to L (zero
+rows), and the in-place updates of the big buffers happen outside the
+switch (XLA copies a buffer that a conditional branch updates in place).
+Per chunk of n rows:
 
-  1. gather its R token rows from x_td (they stay in cache);
-  2. SwiGLU with the expert's weights read in place: [R, D] x [D, 2F], then
-     [R, F] x [F, D] (no per-block weight copy, no one-hot, no densified
-     ragged_dot);
-  3. scatter-add gate * output rows into y_td (in place).
+  1. gather its n token rows from x_td (they stay in cache);
+  2. SwiGLU with the expert's weights read in place: [n, D] x [D, 2F], then
+     (gate * silu(g) * u) [n, F] x [F, D];
+  3. scatter-add the output rows into y_td (in place; the zero rows of a
+     padded chunk add 0 to whichever tokens follow it).
 
-Only x_td, y_td and the [P, F] activations move through memory; on a
+Only x_td, y_td and the [P, 2F] activations move through memory; on a
 bandwidth-bound CPU that is most of the cost of a dispatch. The backward
-(custom_vjp) is a second pair of loops: per block it gathers dy rows,
-computes dx rows (one [R, 2F] x [2F, D] matmul; scatter-added into dx_td),
-the gate gradients <SwiGLU(x), dy> and the expert's weight gradients, summed
-in float32 in the loop carry and written once per expert. The forward saves
-only the gate/up activations g, u [G, R, F].
+(custom_vjp) is a second loop of the same shape: per chunk it gathers dy
+rows, computes dx rows (one [n, 2F] x [2F, D] matmul; scatter-added into
+dx_td), the gate gradients <SwiGLU(x), dy> and the expert's weight
+gradients (float32; summed over chunks, written once per expert). The
+forward saves only the gate/up activations gu [P, 2F].
+
+Padded writes of a first chunk (gu rows, gate-gradient rows) land on rows
+of later chunks or experts, which overwrite them afterwards: both loops
+visit the rows in increasing order. The buffers carry L spare rows at the
+end so no write is ever clipped.
 """
 
 from __future__ import annotations
@@ -36,7 +50,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsmoe.dispatch.common import ExpertWeights
+from dsmoe.dispatch.common import ExpertWeights, gate_per_row
 
 
 def _at(a, i):
@@ -47,116 +61,198 @@ def _put(a, v, i):
   return lax.dynamic_update_index_in_dim(a, v.astype(a.dtype), i, 0)
 
 
-def _mm(a, b, dims):
+def _mm(a, b, dims=((1,), (0,))):
   """Matmul of 2-D blocks with float32 accumulation; dims: contracting pair."""
   return lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=jnp.float32)
 
 
-def _block_rows(token_gr, weight_gr, x_td, g):
-  """Token ids [R], gates [R] and gathered rows [R, D] of block g."""
-  tok_r = _at(token_gr, g)
-  return tok_r, _at(weight_gr, g), x_td.at[tok_r].get(mode="promise_in_bounds")
+def _rows(a, p0, n):
+  return lax.dynamic_slice_in_dim(a, p0, n, 0)
 
 
-def _expert_blocks(block_end_e, e):
-  """The blocks of expert e: [start, end)."""
-  end = block_end_e[e]
-  return jnp.where(e > 0, block_end_e[jnp.maximum(e - 1, 0)], 0), end
+def _write(a, v, p0):
+  return lax.dynamic_update_slice_in_dim(a, v.astype(a.dtype), p0, 0)
 
 
-def _gate_up(w: ExpertWeights, e):
-  """Expert e's gate and up projections side by side: [D, 2F]."""
-  return jnp.concatenate([_at(w.w_gate_edf, e), _at(w.w_up_edf, e)], axis=1)
+def _pad_rows(a, n):
+  """a [m, ...] -> [n, ...] with zero rows appended."""
+  return jnp.pad(a, [(0, n - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
 
 
-def _forward(x_td, weight_gr, w: ExpertWeights, token_gr, block_end_e):
-  """For each expert, for each of its blocks: y_td[tok] += gate * SwiGLU_e(x_td[tok])."""
-  (t, d), (ng, nr) = x_td.shape, token_gr.shape
+def _weights(w: ExpertWeights, e, dtype):
+  """Expert e's gate and up projections side by side [D, 2F], and down [F, D],
+  in the compute dtype (the loop takes the weights in their own dtype, so
+  their gradients are float32 sums, written without a rounding step)."""
+  return (jnp.concatenate([_at(w.w_gate_edf, e), _at(w.w_up_edf, e)], axis=1).astype(dtype),
+          _at(w.w_down_efd, e).astype(dtype))
+
+
+def _stored(dtype):
+  """The dtype the saved activations are kept in: 16-bit floats as their
+  uint16 bits (XLA:CPU widens a bfloat16 dynamic-update-slice to float32
+  over the whole buffer, which costs a pass over it per chunk)."""
+  return jnp.uint16 if jnp.dtype(dtype).itemsize == 2 else dtype
+
+
+def _store(a):
+  return lax.bitcast_convert_type(a, _stored(a.dtype)) if _stored(a.dtype) != a.dtype else a
+
+
+def _load(a, dtype):
+  return lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
+
+
+def _split(rows, largest):
+  """(first, full): rows = first + full * largest, first in [1, largest]
+  (first = 0 iff rows = 0)."""
+  full = jnp.maximum(rows - 1, 0) // largest
+  return rows - full * largest, full
+
+
+def _first_chunk(chunk_fn, sizes, first, zeros, *operands):
+  """chunk_fn(n, *operands) for n = first (a multiple of sizes[0], <= sizes[-1])."""
+  branches = [lambda *ops: zeros] + [functools.partial(chunk_fn, n) for n in sizes]
+  return lax.switch(first // sizes[0], branches, *operands)
+
+
+def _swiglu_rows(n, tok_r, gate_r, w_e, x_td):
+  """Rows [:n]: (gate * SwiGLU(x) [n, D] float32, gu [n, 2F])."""
+  dt, f = x_td.dtype, w_e[1].shape[0]
+  x_rd = x_td.at[tok_r[:n]].get(mode="promise_in_bounds")  # [n,D]
+  gu_rf = _mm(x_rd, w_e[0]).astype(dt)  # [n,2F]
+  a_rf = jax.nn.silu(gu_rf[:, :f]) * gu_rf[:, f:] * gate_r[:n, None].astype(dt)
+  return _mm(a_rf, w_e[1]), _store(gu_rf)
+
+
+def _forward(x_td, weight_p, w: ExpertWeights, token_p, start_e, rows_e, sizes):
+  """For each expert, each of its chunks: y_td[tok] += gate * SwiGLU_e(x_td[tok])."""
+  (t, d), num_rows, big = x_td.shape, token_p.shape[0], sizes[-1]
   (num_experts, _, f), dt = w.w_gate_edf.shape, x_td.dtype
+  token_p, weight_p = _pad_rows(token_p, num_rows + big), _pad_rows(weight_p, num_rows + big)
+
+  def padded(n, tok_r, gate_r, w_e):
+    y_rd, gu_rf = _swiglu_rows(n, tok_r, gate_r, w_e, x_td)
+    return _pad_rows(y_rd, big), _pad_rows(gu_rf, big)
+
+  def chunk(p0, outputs, carry):
+    y_td, gu_pf = carry
+    y_rd, gu_rf = outputs
+    return y_td.at[_rows(token_p, p0, big)].add(y_rd, mode="promise_in_bounds"), _write(
+        gu_pf, gu_rf, p0)
 
   def expert_body(e, carry):
-    w_gu_df, w_d_fd = _gate_up(w, e), _at(w.w_down_efd, e)  # [D,2F], [F,D]
+    w_e, start, (first, full) = _weights(w, e, dt), start_e[e], _split(rows_e[e], big)
+    zeros = (jnp.zeros((big, d), jnp.float32), jnp.zeros((big, 2 * f), _stored(dt)))
+    out = _first_chunk(padded, sizes, first, zeros, _rows(token_p, start, big),
+                       _rows(weight_p, start, big), w_e)
+    carry = chunk(start, out, carry)
 
-    def block_body(g, carry):
-      y_td, g_grf, u_grf = carry
-      tok_r, gate_r, x_rd = _block_rows(token_gr, weight_gr, x_td, g)
-      gu_rf = _mm(x_rd, w_gu_df, ((1,), (0,))).astype(dt)  # [R,2F]
-      g_rf, u_rf = gu_rf[:, :f], gu_rf[:, f:]
-      y_rd = _mm(jax.nn.silu(g_rf) * u_rf, w_d_fd, ((1,), (0,)))  # [R,D]
-      y_td = y_td.at[tok_r].add(y_rd * gate_r[:, None], mode="promise_in_bounds")
-      return y_td, _put(g_grf, g_rf, g), _put(u_grf, u_rf, g)
+    def full_chunk(i, carry):
+      p0 = start + first + i * big
+      out = _swiglu_rows(big, _rows(token_p, p0, big), _rows(weight_p, p0, big), w_e, x_td)
+      return chunk(p0, out, carry)
 
-    return lax.fori_loop(*_expert_blocks(block_end_e, e), block_body, carry)
+    return lax.fori_loop(0, full, full_chunk, carry)
 
-  init = (jnp.zeros((t, d), jnp.float32), jnp.zeros((ng, nr, f), dt),
-          jnp.zeros((ng, nr, f), dt))
+  init = (jnp.zeros((t, d), jnp.float32), jnp.zeros((num_rows + big, 2 * f), _stored(dt)))
   return lax.fori_loop(0, num_experts, expert_body, init)
 
 
-@jax.custom_vjp
-def expert_loop(x_td, weight_gr, w: ExpertWeights, token_gr, block_end_e):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def expert_loop(x_td, weight_p, w: ExpertWeights, token_p, start_e, rows_e, sizes):
   """y_td = sum over rows of gate * SwiGLU_{expert of the row}(x_td[token]).
 
-  weight_gr, token_gr [G, R]: gate and token of each row of each block;
-  block_end_e [E]: expert e owns blocks block_end_e[e-1] .. block_end_e[e]-1.
+  w: the experts in their own (parameter) dtype, cast per expert to x_td.dtype;
+  weight_p, token_p [P]: gate and token of each row; start_e, rows_e [E]:
+  expert e's rows start_e[e] .. start_e[e] + rows_e[e] - 1; sizes: the
+  chunk sizes (static tuple R, 2R, ..., L; R divides every start_e, rows_e).
   """
-  y_td, _, _ = _forward(x_td, weight_gr, w, token_gr, block_end_e)
+  y_td, _ = _forward(x_td, weight_p, w, token_p, start_e, rows_e, sizes)
   return y_td.astype(x_td.dtype)
 
 
-def _fwd(x_td, weight_gr, w, token_gr, block_end_e):
-  y_td, g_grf, u_grf = _forward(x_td, weight_gr, w, token_gr, block_end_e)
-  return y_td.astype(x_td.dtype), (x_td, weight_gr, w, token_gr, block_end_e, g_grf, u_grf)
+def _fwd(x_td, weight_p, w, token_p, start_e, rows_e, sizes):
+  y_td, gu_pf = _forward(x_td, weight_p, w, token_p, start_e, rows_e, sizes)
+  return y_td.astype(x_td.dtype), (x_td, weight_p, w, token_p, start_e, rows_e, gu_pf)
 
 
-def _block_grads(g, carry, *, x_td, dy_td, weight_gr, token_gr, g_grf, u_grf, w_e):
-  """One block's backward: dx rows (scatter-added), gate grads, expert dW."""
-  dx_td, dgate_gr, dw_gu_df, dw_d_fd = carry
+def _grad_rows(n, tok_r, gate_r, gu_rf, w_e, x_td, dy_td):
+  """Backward of rows [:n]: dx [n, D], dgate [n], expert dW [D, 2F] and [F, D]."""
   w_gu_df, w_d_fd = w_e
-  dt, f32 = x_td.dtype, jnp.float32
-  tok_r, gate_r, x_rd = _block_rows(token_gr, weight_gr, x_td, g)
-  dy_rd = dy_td.at[tok_r].get(mode="promise_in_bounds")  # [R,D]
-  g_rf, u_rf = _at(g_grf, g).astype(f32), _at(u_grf, g).astype(f32)
+  dt, f32, f = x_td.dtype, jnp.float32, w_d_fd.shape[0]
+  tok_r, gate_r = tok_r[:n], gate_r[:n, None]
+  x_rd = x_td.at[tok_r].get(mode="promise_in_bounds")  # [n,D]
+  dy_rd = dy_td.at[tok_r].get(mode="promise_in_bounds")  # [n,D]
+  gu_rf = _load(gu_rf[:n], dt).astype(f32)
+  g_rf, u_rf = gu_rf[:, :f], gu_rf[:, f:]
   sig_rf = jax.nn.sigmoid(g_rf)
   silu_rf = g_rf * sig_rf
   a_rf = silu_rf * u_rf
-  da_rf = _mm(dy_rd, w_d_fd, ((1,), (1,)))  # [R,F], before the gate
-  dgate_gr = _put(dgate_gr, jnp.sum(a_rf * da_rf, axis=-1), g)  # [R]
-  da_rf = da_rf * gate_r[:, None]
+  da_rf = _mm(dy_rd, w_d_fd, ((1,), (1,)))  # [n,F], before the gate
+  dgate_r = jnp.sum(a_rf * da_rf, axis=-1)  # [n]
+  da_rf = da_rf * gate_r
   dg_rf = da_rf * u_rf * sig_rf * (1 + g_rf * (1 - sig_rf))
-  du_rf = da_rf * silu_rf
-  dgu_rf = jnp.concatenate([dg_rf, du_rf], axis=1).astype(dt)  # [R,2F]
-  dx_rd = _mm(dgu_rf, w_gu_df, ((1,), (1,)))  # [R,D]
-  dx_td = dx_td.at[tok_r].add(dx_rd, mode="promise_in_bounds")
-  dw_gu_df = dw_gu_df + _mm(x_rd, dgu_rf, ((0,), (0,)))  # [D,2F]
-  dw_d_fd = dw_d_fd + _mm((a_rf * gate_r[:, None]).astype(dt), dy_rd, ((0,), (0,)))  # [F,D]
-  return dx_td, dgate_gr, dw_gu_df, dw_d_fd
+  dgu_rf = jnp.concatenate([dg_rf, da_rf * silu_rf], axis=1).astype(dt)  # [n,2F]
+  dx_rd = _mm(dgu_rf, w_gu_df, ((1,), (1,)))  # [n,D]
+  dw_gu = _mm(x_rd, dgu_rf, ((0,), (0,)))  # [D,2F]
+  dw_d = _mm((a_rf * gate_r).astype(dt), dy_rd, ((0,), (0,)))  # [F,D]
+  return dx_rd, dgate_r, dw_gu, dw_d
 
 
-def _bwd(res, dy_td):
-  """Per expert (weights sliced once), per block: see _block_grads."""
-  x_td, weight_gr, w, token_gr, block_end_e, g_grf, u_grf = res
-  dt, f32 = x_td.dtype, jnp.float32
-  block = functools.partial(_block_grads, x_td=x_td, dy_td=dy_td.astype(dt),
-                            weight_gr=weight_gr, token_gr=token_gr, g_grf=g_grf, u_grf=u_grf)
-  f = w.w_gate_edf.shape[-1]
+def _bwd(sizes, res, dy_td):
+  """Per expert (weights sliced once), per chunk: see _grad_rows."""
+  x_td, weight_p, w, token_p, start_e, rows_e, gu_pf = res
+  dt, f32, big = x_td.dtype, jnp.float32, sizes[-1]
+  num_experts, d, f = w.w_gate_edf.shape
+  num_rows = token_p.shape[0]
+  token_p, weight_p = _pad_rows(token_p, num_rows + big), _pad_rows(weight_p, num_rows + big)
+  grad_rows = functools.partial(_grad_rows, x_td=x_td, dy_td=dy_td.astype(dt))
+
+  def padded(n, *operands):
+    dx_rd, dgate_r, dw_gu, dw_d = grad_rows(n, *operands)
+    return _pad_rows(dx_rd, big), _pad_rows(dgate_r, big), dw_gu, dw_d
+
+  def rows_at(p0):
+    return _rows(token_p, p0, big), _rows(weight_p, p0, big), _rows(gu_pf, p0, big)
+
+  def chunk(p0, dx_rd, dgate_r, carry):
+    dx_td, dgate_p = carry
+    return (dx_td.at[_rows(token_p, p0, big)].add(dx_rd, mode="promise_in_bounds"),
+            _write(dgate_p, dgate_r, p0))
 
   def expert_body(e, carry):
-    dx_td, dgate_gr, dwg, dwu, dwd = carry
-    w_e = (_gate_up(w, e), _at(w.w_down_efd, e))  # [D,2F], [F,D]
-    acc = (dx_td, dgate_gr, jnp.zeros(w_e[0].shape, f32), jnp.zeros(w_e[1].shape, f32))
-    dx_td, dgate_gr, dw_gu_df, dw_d_fd = lax.fori_loop(
-        *_expert_blocks(block_end_e, e), functools.partial(block, w_e=w_e), acc)
-    return (dx_td, dgate_gr, _put(dwg, dw_gu_df[:, :f], e), _put(dwu, dw_gu_df[:, f:], e),
-            _put(dwd, dw_d_fd, e))
+    dx_td, dgate_p, dwg, dwu, dwd = carry
+    w_e, start, (first, full) = _weights(w, e, dt), start_e[e], _split(rows_e[e], big)
+    zeros = (jnp.zeros((big, d), f32), jnp.zeros((big,), f32), jnp.zeros((d, 2 * f), f32),
+             jnp.zeros((f, d), f32))
+    dx_rd, dgate_r, dw_gu, dw_d = _first_chunk(padded, sizes, first, zeros, *rows_at(start), w_e)
+    acc = (*chunk(start, dx_rd, dgate_r, (dx_td, dgate_p)), dw_gu, dw_d)
 
-  init = (jnp.zeros(x_td.shape, f32), jnp.zeros(weight_gr.shape, f32),
+    def full_chunk(i, acc):
+      p0 = start + first + i * big
+      dx_rd, dgate_r, dw_gu, dw_d = grad_rows(big, *rows_at(p0), w_e)
+      return (*chunk(p0, dx_rd, dgate_r, acc[:2]), acc[2] + dw_gu, acc[3] + dw_d)
+
+    dx_td, dgate_p, dw_gu, dw_d = lax.fori_loop(0, full, full_chunk, acc)
+    return (dx_td, dgate_p, _put(dwg, dw_gu[:, :f], e), _put(dwu, dw_gu[:, f:], e),
+            _put(dwd, dw_d, e))
+
+  init = (jnp.zeros(x_td.shape, f32), jnp.zeros((num_rows + big,), f32),
           jnp.zeros(w.w_gate_edf.shape, w.w_gate_edf.dtype),
           jnp.zeros(w.w_up_edf.shape, w.w_up_edf.dtype),
           jnp.zeros(w.w_down_efd.shape, w.w_down_efd.dtype))
-  dx_td, dgate_gr, dwg, dwu, dwd = lax.fori_loop(0, w.w_gate_edf.shape[0], expert_body, init)
-  return (dx_td.astype(dt), dgate_gr.astype(weight_gr.dtype), ExpertWeights(dwg, dwu, dwd),
-          None, None)
+  dx_td, dgate_p, dwg, dwu, dwd = lax.fori_loop(0, num_experts, expert_body, init)
+  return (dx_td.astype(dt), dgate_p[:num_rows].astype(weight_p.dtype),
+          ExpertWeights(dwg, dwu, dwd), None, None, None)
 
 
 expert_loop.defvjp(_fwd, _bwd)
+
+
+def run_layout(x_td, weight_tk, w: ExpertWeights, lay, sizes) -> jax.Array:
+  """The loop over a layout (layout.Layout) whose experts start on multiples of
+  R = sizes[0]: expert e runs its count_e[e] rows rounded up to a multiple of R."""
+  block = sizes[0]
+  weight_p = gate_per_row(weight_tk, lay.pair_p)  # [P]; 0 for padding rows
+  rows_e = (lay.count_e + block - 1) // block * block
+  return expert_loop(x_td, weight_p, w, lay.token_p, lay.start_e, rows_e, tuple(sizes))

@@ -9,11 +9,14 @@ A `Layout` holds the integer maps between the two orders (no gradients):
   pair_p     [P]    flat pair index s = t*K + k of each row; S = T*K for padding
   block_end_e [E]   expert e owns blocks block_end_e[e-1] .. block_end_e[e]-1
   dropped    []     number of dropped pairs (float32)
+  start_e    [E]    first buffer row of expert e
+  count_e    [E]    pairs that expert e's rows hold (kept pairs; padding excluded)
 
 Two layouts:
   * `blocked_layout`: sorted by expert, each expert's rows padded to a multiple
     of `block` (R rows), so every block belongs to one expert (dropless;
-    block=1 gives the plain sorted order of ragged_dot);
+    block=1 gives the plain sorted order of ragged_dot; with a capacity, the
+    kept pairs packed the same way: the CPU loop's capacity layout);
   * `capacity_layout`: E fixed buffers of C rows ([E, C, D] flattened); a pair
     takes row e*C + its rank among the pairs of expert e, if that rank < C.
 """
@@ -33,6 +36,8 @@ class Layout(NamedTuple):
   pair_p: jax.Array
   block_end_e: jax.Array
   dropped: jax.Array
+  start_e: jax.Array
+  count_e: jax.Array
 
 
 def num_blocks_bound(num_pairs: int, num_experts: int, block: int) -> int:
@@ -60,24 +65,39 @@ def _rank_in_expert(expert_s: jax.Array, order_s: jax.Array, num_experts: int):
   return rank_s, sizes_e
 
 
-def blocked_layout(idx_tk: jax.Array, num_experts: int, block: int) -> Layout:
-  """Dropless layout; each expert's rows start on a block boundary.
+def blocked_layout(idx_tk: jax.Array, num_experts: int, block: int, *, cap: int = 0,
+                   weight_tk: jax.Array | None = None, policy: str = "position") -> Layout:
+  """Layout in which every expert's rows start on a block boundary.
 
-  Steps: 1. rank of each pair within its expert (stable sort by expert);
-  2. padded sizes ceil(n_e / block) * block and their offsets;
-  3. row = padded offset of the expert + rank; 4. inverse maps.
+  Dropless (cap = 0), or keeping only each expert's first `cap` pairs in the
+  priority order `policy` (capacity dispatch without [E, C] buffers: the
+  kept pairs are packed like dropless ones). Steps: 1. rank of each pair
+  within its expert (stable sort by expert, or by expert then priority);
+  2. kept pairs per expert, padded to a multiple of `block`, and their
+  offsets; 3. row = padded offset of the expert + rank (dropped pairs: out
+  of range); 4. inverse maps.
   """
   t, k = idx_tk.shape
   expert_s = idx_tk.reshape(-1).astype(jnp.int32)  # [S]
-  order_s = jnp.argsort(expert_s, stable=True)
+  if cap:
+    order_s = priority_order(expert_s, weight_tk.reshape(-1), policy)
+  else:
+    order_s = jnp.argsort(expert_s, stable=True)
   rank_s, sizes_e = _rank_in_expert(expert_s, order_s, num_experts)
-  blocks_e = (sizes_e + block - 1) // block  # [E]
+  count_e = jnp.minimum(sizes_e, cap) if cap else sizes_e
+  blocks_e = (count_e + block - 1) // block  # [E]
   block_end_e = jnp.cumsum(blocks_e)  # [E]
+  kept = min(t * k, num_experts * cap) if cap else t * k
+  num_rows = num_blocks_bound(kept, num_experts, block) * block
   row_s = (block_end_e - blocks_e)[expert_s] * block + rank_s  # [S]
-  nb = num_blocks_bound(t * k, num_experts, block)
-  token_p, pair_p = _rows_to_pairs(row_s, nb * block, k)
+  dropped = jnp.zeros((), jnp.float32)
+  if cap:
+    row_s = jnp.where(rank_s < cap, row_s, num_rows)
+    dropped = jnp.sum(rank_s >= cap).astype(jnp.float32)
+  token_p, pair_p = _rows_to_pairs(row_s, num_rows, k)
+  start_e = ((block_end_e - blocks_e) * block).astype(jnp.int32)
   return Layout(row_s.reshape(t, k), token_p, pair_p, block_end_e.astype(jnp.int32),
-                jnp.zeros((), jnp.float32))
+                dropped, start_e, count_e)
 
 
 def priority_order(expert_s: jax.Array, weight_s: jax.Array, policy: str) -> jax.Array:
@@ -107,11 +127,13 @@ def capacity_layout(idx_tk: jax.Array, weight_tk: jax.Array, num_experts: int,
   t, k = idx_tk.shape
   expert_s = idx_tk.reshape(-1).astype(jnp.int32)  # [S]
   order_s = priority_order(expert_s, weight_tk.reshape(-1), policy)
-  rank_s, _ = _rank_in_expert(expert_s, order_s, num_experts)
+  rank_s, sizes_e = _rank_in_expert(expert_s, order_s, num_experts)
   kept_s = rank_s < cap
   num_rows = num_experts * cap
   row_s = jnp.where(kept_s, expert_s * cap + rank_s, num_rows)  # [S]
   token_p, pair_p = _rows_to_pairs(row_s, num_rows, k)
   dropped = jnp.sum(~kept_s).astype(jnp.float32)
   block_end_e = jnp.arange(1, num_experts + 1, dtype=jnp.int32)  # one block of C each
-  return Layout(row_s.reshape(t, k), token_p, pair_p, block_end_e, dropped)
+  start_e = jnp.arange(num_experts, dtype=jnp.int32) * cap
+  return Layout(row_s.reshape(t, k), token_p, pair_p, block_end_e, dropped, start_e,
+                jnp.minimum(sizes_e, cap))
