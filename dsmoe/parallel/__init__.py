@@ -1,0 +1,15 @@
+"""Scaling out: the device mesh, sharding rules, expert parallelism.
+
+  mesh.py     the (data, fsdp, expert) mesh, batch sharding, ambient-mesh queries
+  rules.py    parameter name -> PartitionSpec (one table)
+  expert.py   routed experts inside jax.shard_map (allgather / all_to_all /
+              ragged_all_to_all token exchange)
+  local.py    one device's experts on the XLA dropless path (the kernel seam)
+  plan.py     compile a train step on fake devices: memory and collectives
+
+docs/SCALING.md explains the choices.
+"""
+
+from dsmoe.parallel import expert, local, mesh, rules
+
+__all__ = ["expert", "local", "mesh", "rules"]
