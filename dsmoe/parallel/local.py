@@ -13,9 +13,11 @@ a layout with one extra "elsewhere" group sorted last:
     pairs of other devices cost nothing but their layout entries;
   * ragged_dot (TPU): group sizes of the local experts only; the rows of the
     "elsewhere" group come out as zeros without being computed;
+  * pallas (pallas_kernels/gmm): the same on block-padded rows; the kernels
+    skip rows past the local groups;
   * blocked / batched (GPU): every buffer block is computed, those of the
     "elsewhere" group with zero gates (wasted work under the allgather
-    exchange; the Pallas gmm with group_offset is the intended replacement).
+    exchange; "pallas" avoids it).
 """
 
 from __future__ import annotations
@@ -37,11 +39,16 @@ def _here(idx_tk, weight_tk, first_expert, num_local: int):
           jnp.where(here, weight_tk, jnp.zeros_like(weight_tk)))
 
 
-def _ragged(x_td, idx_tk, weight_tk, w: ExpertWeights, num_local: int):
-  lay = layout_lib.blocked_layout(idx_tk, num_local + 1, 1)  # sorted, "elsewhere" last
+def _grouped(x_td, idx_tk, weight_tk, w: ExpertWeights, num_local: int, backend: str,
+             block: int):
+  """ragged_dot (block 1: plain sorted rows) or the Pallas gmm (block-padded)."""
+  lay = layout_lib.blocked_layout(idx_tk, num_local + 1, block)  # "elsewhere" last
   x_pd = permute(x_td, lay.token_p, lay.row_tk, may_drop=False)  # [P,D]
-  sizes_e = jnp.bincount(idx_tk.reshape(-1), length=num_local).astype(jnp.int32)  # [E_l]
-  y_pd = dropless.ragged_swiglu(x_pd, sizes_e, w)  # [P,D]; "elsewhere" rows: 0
+  rows_e = jnp.diff(lay.block_end_e[:num_local], prepend=0) * block  # [E_l] local rows
+  if backend == "pallas":
+    y_pd = dropless.pallas_swiglu(x_pd, rows_e, w, dropless.pallas_gmm.Tiling(tm=block))
+  else:
+    y_pd = dropless.ragged_swiglu(x_pd, rows_e, w)  # [P,D]; "elsewhere" rows: 0
   return combine(y_pd, weight_tk, lay.row_tk, lay.token_p, lay.pair_p, may_drop=False)
 
 
@@ -71,8 +78,12 @@ def local_dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, first_exp
   num_local = experts.w_gate_edf.shape[0]
   idx, weight = _here(idx_tk, weight_tk, first_expert, num_local)
   w = cast(experts, x_td.dtype)
-  if dropless.resolve_backend(backend) == "ragged_dot":
-    return _ragged(x_td, idx, weight, w, num_local)
+  backend = dropless.resolve_backend(backend)
+  if backend == "ragged_dot":
+    return _grouped(x_td, idx, weight, w, num_local, backend, 1)
+  if backend == "pallas":
+    return _grouped(x_td, idx, weight, w, num_local, backend,
+                    block_size or dropless.PALLAS_BLOCK)
   strategy = dropless.resolve_strategy(strategy)
   block = dropless.resolve_block_size(block_size, expected_pairs or idx.size, num_local,
                                       strategy)
