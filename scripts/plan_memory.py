@@ -10,16 +10,17 @@ allocating parameters: compiles on fake CPU devices (docs/SCALING.md).
 data x fsdp x expert fake CPU devices. Prints memory_analysis() of the
 compiled step (bytes per device), the state each device holds, and every
 collective with its bytes per step per device (loops counted by their trip
-counts). --json writes the same as JSON.
+counts). --json writes the same as JSON. Errors end with one line `error: ...`.
 """
 
 import json
 import os
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from dsmoe import cli
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                 lock_config=True)
@@ -66,11 +67,7 @@ def _print(plan: dict, seconds: float, top: int) -> None:
 
 def main(argv):
   del argv
-  try:
-    sizes = _mesh_sizes(FLAGS.mesh)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  sizes = _mesh_sizes(FLAGS.mesh)  # before jax starts: it needs the device count
   n = sizes["data"] * sizes["fsdp"] * sizes["expert"]
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={n}")
@@ -78,12 +75,8 @@ def main(argv):
   config = FLAGS.config
   config.mesh.update(sizes)
   from dsmoe.parallel import mesh as mesh_lib, plan  # after XLA_FLAGS: imports jax
-  try:
-    t0 = time.time()
-    result = plan.memory_plan(config, mesh_lib.make_mesh(config.mesh))
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  t0 = time.time()
+  result = plan.memory_plan(config, mesh_lib.make_mesh(config.mesh))
   _print(result, time.time() - t0, FLAGS.top)
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
@@ -92,4 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
