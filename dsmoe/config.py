@@ -30,6 +30,9 @@ from ml_collections import config_dict
 from dsmoe.spec import MoESpec, ModelSpec, Spec
 
 IMPLS = ("dense", "dropless", "capacity")
+EP_EXCHANGES = ("auto", "allgather", "all_to_all", "ragged_all_to_all")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_moe_exchange")
+MESH_AXES = ("data", "fsdp", "expert")
 GMM_BACKENDS = ("auto", "blocked", "ragged_dot", "pallas")
 GMM_STRATEGIES = ("auto", "loop", "batched")
 SCORE_FNS = ("softmax", "sigmoid")
@@ -58,6 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.init_std = 0.006  # paper: 0.006 for every size
   m.dtype = "float32"  # compute dtype: "float32" or "bfloat16"
   m.param_dtype = "float32"  # parameter (master weight) dtype
+  m.remat = "none"  # activation rematerialisation per block: "none", "full",
+  # "save_dots" (keep matmul outputs), "save_moe_exchange" (keep only what
+  # crossed the expert-parallel exchange); docs/SCALING.md
+  m.scan_layers = False  # run the MoE layers as one nnx.scan over stacked
+  # weights (fast compiles of 28-62 layers; params gain a layer axis)
 
   m.moe = e = ml_collections.ConfigDict()
   e.router = "topk"  # "topk" (learned) or "hash" (Hash Layer baseline)
@@ -73,7 +81,14 @@ def base_config() -> ml_collections.ConfigDict:
   e.aux_loss_alpha = 0.01  # a1, expert-level balance
   e.seq_aux = True  # expert balance computed per sequence (released 16B)
   e.device_balance_alpha = 0.0  # a2, device-level balance
-  e.num_device_groups = 1  # D groups of consecutive routed experts
+  e.num_device_groups = 1  # D groups of consecutive routed experts (= mesh.expert under EP)
+  e.max_devices_per_token = 0  # M of V2 device-limited routing; 0: no limit
+  e.comm_balance_alpha = 0.0  # a3, V2 communication balance (needs M > 0)
+  e.ep_exchange = "auto"  # token exchange when mesh.expert > 1: "allgather",
+  # "all_to_all" (per-device capacity), "ragged_all_to_all" (TPU/GPU);
+  # "auto": ragged_all_to_all on TPU/GPU, allgather on CPU
+  e.ep_capacity_factor = 1.25  # all_to_all: rows per destination device =
+  # factor * tokens * top_k / mesh.expert (training; evaluation uses eval_capacity_factor)
   e.impl = "dropless"  # "dense" (reference), "dropless", "capacity"
   e.gmm_backend = "auto"  # grouped matmul: "auto", "blocked", "ragged_dot", "pallas"
   # ("pallas": Pallas kernels, TPU/GPU; on CPU interpreted, for tests only)
@@ -126,9 +141,11 @@ def base_config() -> ml_collections.ConfigDict:
   t.eval_full_at_end = False  # True: the final evaluation scores the whole set
   t.init_from = ""  # a params-only checkpoint (scripts/convert_hf.py) to start from; "": random
 
-  c.mesh = mesh = ml_collections.ConfigDict()  # device mesh (docs/TRAINING.md)
-  mesh.data = -1  # data-parallel devices; -1: all of them
-  mesh.expert = 1  # expert-parallel devices (> 1 arrives with milestone M6)
+  c.mesh = mesh = ml_collections.ConfigDict()  # device mesh (docs/SCALING.md)
+  mesh.data = -1  # pure data parallel (replicated weights); -1: what is left
+  mesh.fsdp = 1  # data parallel with weights + optimizer state sharded (FSDP)
+  mesh.expert = 1  # expert parallel: routed experts split over these devices
+  mesh.tensor = 1  # tensor parallelism is not implemented: must be 1
   return c
 
 
@@ -295,6 +312,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if n_routed % e.num_device_groups:
     _fail("model.moe.num_device_groups", "must divide the number of routed "
           f"experts ({n_routed})", e.num_device_groups)
+  _validate_device_routing(e, n_routed, top_k)
+  _one_of(e, "model.moe", "ep_exchange", EP_EXCHANGES)
+  _positive(e, "model.moe", ("ep_capacity_factor",))
+  _one_of(m, "model", "remat", REMAT_POLICIES)
+  if not isinstance(m.scan_layers, bool):
+    _fail("model.scan_layers", "must be True or False", m.scan_layers)
+  if m.scan_layers and (m.moe_layer_freq != 1 or m.num_layers <= m.first_k_dense_replace):
+    _fail("model.scan_layers", "scans the MoE layers, which must be identical and "
+          "consecutive: needs model.moe_layer_freq=1 and num_layers > "
+          "first_k_dense_replace", m.scan_layers)
   del n_shared
 
   validate_data(d)
@@ -318,18 +345,81 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("train.grad_accum_steps", "must divide train.batch_size="
           f"{t.batch_size}", t.grad_accum_steps)
 
-  validate_mesh(config.mesh, t.batch_size)
+  validate_mesh(config)
 
 
-def validate_mesh(mesh: ml_collections.ConfigDict, batch_size: int) -> None:
-  """The mesh is data parallel only until expert parallelism lands (M6)."""
+def validate_mesh(config: ml_collections.ConfigDict) -> None:
+  """Rules of `config.mesh` and how the model and batch fit on it.
+
+  Sizes are checked here as far as they are known; an axis of -1 is resolved
+  (and checked again) when the mesh is built (dsmoe.parallel.mesh).
+  """
+  mesh, e, t = config.mesh, config.model.moe, config.train
+  for k in MESH_AXES:
+    v = mesh[k]
+    if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
+      _fail(f"mesh.{k}", "must be -1 (the devices left) or a positive device count", v)
+  if sum(mesh[k] == -1 for k in MESH_AXES) > 1:
+    _fail("mesh", "at most one of mesh.data, mesh.fsdp, mesh.expert may be -1",
+          {k: mesh[k] for k in MESH_AXES})
+  if mesh.tensor != 1:
+    _fail("mesh.tensor", "tensor parallelism is not implemented; shard the weights "
+          "with mesh.fsdp and the routed experts with mesh.expert (set mesh.tensor=1)",
+          mesh.tensor)
+  known = [mesh[k] for k in MESH_AXES if mesh[k] > 0]
+  if len(known) == len(MESH_AXES):
+    n = mesh.data * mesh.fsdp * mesh.expert
+    if t.batch_size % n:
+      _fail("train.batch_size", f"must be divisible by the {n} devices of the mesh "
+            f"(data x fsdp x expert = {mesh.data} x {mesh.fsdp} x {mesh.expert})",
+            t.batch_size)
   if mesh.expert != 1:
-    _fail("mesh.expert", "expert parallelism is not built yet (milestone M6); "
-          "only a data-parallel mesh runs today: set mesh.expert=1", mesh.expert)
-  if not isinstance(mesh.data, int) or (mesh.data < 1 and mesh.data != -1):
-    _fail("mesh.data", "must be -1 (all devices) or a positive device count", mesh.data)
-  if mesh.data > 0 and batch_size % mesh.data:
-    _fail("train.batch_size", f"must be divisible by mesh.data={mesh.data}", batch_size)
+    check_expert_parallel(config.model.moe, mesh.expert, moe_sizes(e)["num_routed_experts"])
+
+
+def check_expert_parallel(e, expert: int, num_routed: int) -> None:
+  """Rules of expert parallelism over `expert` devices (-1: not known yet)."""
+  if e.impl != "dropless":
+    _fail("model.moe.impl", "expert parallelism (mesh.expert > 1) runs each device's "
+          "experts with the dropless path; for per-device capacity use "
+          "model.moe.ep_exchange='all_to_all' with model.moe.ep_capacity_factor", e.impl)
+  if expert == -1:
+    return
+  if num_routed % expert:
+    _fail("mesh.expert", f"must divide the {num_routed} routed experts", expert)
+  device_level = (e.device_balance_alpha > 0 or e.max_devices_per_token > 0
+                  or e.comm_balance_alpha > 0)
+  if device_level and e.num_device_groups != expert:
+    _fail("model.moe.num_device_groups", "the device groups of the device-level "
+          "balance loss, device-limited routing and the communication loss are the "
+          f"devices of the expert axis: set it to mesh.expert={expert}",
+          e.num_device_groups)
+
+
+def _validate_device_routing(e, n_routed: int, top_k: int) -> None:
+  """DeepSeek-V2 device-limited routing (M devices) and its balance loss (a3)."""
+  m_dev = e.max_devices_per_token
+  if not isinstance(m_dev, int) or isinstance(m_dev, bool) or m_dev < 0:
+    _fail("model.moe.max_devices_per_token", "must be an integer >= 0 (0: no limit)", m_dev)
+  if e.comm_balance_alpha < 0:
+    _fail("model.moe.comm_balance_alpha", "balance-loss weights must be >= 0",
+          e.comm_balance_alpha)
+  if e.comm_balance_alpha > 0 and m_dev == 0:
+    _fail("model.moe.comm_balance_alpha", "the communication balance loss counts "
+          "tokens per device over M devices: set model.moe.max_devices_per_token",
+          e.comm_balance_alpha)
+  if m_dev == 0:
+    return
+  if e.router != "topk":
+    _fail("model.moe.max_devices_per_token", "device-limited routing needs the "
+          "learned router (model.moe.router='topk')", m_dev)
+  if e.num_device_groups < 2 or m_dev > e.num_device_groups:
+    _fail("model.moe.max_devices_per_token", "must be <= model.moe.num_device_groups="
+          f"{e.num_device_groups} (and that must be >= 2)", m_dev)
+  per_device = n_routed // e.num_device_groups
+  if m_dev * per_device < top_k:
+    _fail("model.moe.max_devices_per_token", f"{m_dev} devices of {per_device} experts "
+          f"each cannot hold top_k={top_k} experts", m_dev)
 
 
 def validate_data(d: ml_collections.ConfigDict) -> None:

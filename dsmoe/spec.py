@@ -29,7 +29,9 @@ class MoESpec:
   aux_loss_alpha: float = 0.0  # a1
   seq_aux: bool = True
   device_balance_alpha: float = 0.0  # a2
-  num_device_groups: int = 1  # D
+  num_device_groups: int = 1  # D (the expert-axis devices under EP)
+  max_devices_per_token: int = 0  # M of device-limited routing; 0: no limit
+  comm_balance_alpha: float = 0.0  # a3
   impl: str = "dropless"  # "dense", "dropless", "capacity"
   gmm_backend: str = "auto"  # "auto", "blocked", "ragged_dot", "pallas"
   gmm_strategy: str = "auto"  # "auto", "loop", "batched"
@@ -41,6 +43,8 @@ class MoESpec:
   # the r highest-scoring routed experts of each token are skipped and its
   # top-K are chosen among the others.
   skip_top_experts: int = 0
+  ep_exchange: str = "auto"  # "auto", "allgather", "all_to_all", "ragged_all_to_all"
+  ep_capacity_factor: float = 1.25  # all_to_all rows per destination device (training)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,8 @@ class ModelSpec:
   dtype: str  # compute dtype
   param_dtype: str  # master-weight dtype
   moe: MoESpec
+  remat: str = "none"  # "none", "full", "save_dots", "save_moe_exchange"
+  scan_layers: bool = False  # MoE layers as one nnx.scan over stacked weights
 
   def is_moe_layer(self, layer: int) -> bool:
     """Layer plan of the released DeepSeek code."""

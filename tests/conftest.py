@@ -1,5 +1,6 @@
 """Shared test helpers: the shipped configs and one small-config builder."""
 
+import os
 import pathlib
 
 import pytest
@@ -8,6 +9,10 @@ import dsmoe
 from dsmoe import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# tests/multidevice needs 8 (fake CPU) devices, which must be set before jax
+# starts: tests/test_parallel.py runs it in a subprocess with DSMOE_MULTIDEVICE=1.
+collect_ignore = [] if os.environ.get("DSMOE_MULTIDEVICE") else ["multidevice"]
 
 # configs/tiny.py's structure (dense layer 0, 2 shared + 30 routed experts,
 # top-6) at dimensions that train in seconds.

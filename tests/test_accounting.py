@@ -39,3 +39,12 @@ def test_flops_of_2b_match_paper_table():
   # Table 1: DeepSeekMoE 2B costs 4.3T FLOPs per 2K tokens.
   c = load_config("paper_2b")
   assert dsmoe.flops_per_token(c) * 2048 == pytest.approx(4.3e12, rel=0.03)
+
+
+def test_stacked_layers_keep_the_counts():
+  """model.scan_layers stacks the MoE layers' weights on a layer axis; the
+  counts (paper: 16.4B / 2.8B) do not change."""
+  config = load_config("paper_16b")
+  plain = dsmoe.count_params(config)
+  config.model.scan_layers = True
+  assert dsmoe.count_params(config) == plain

@@ -74,6 +74,22 @@ def test_prefill_logits_equal_the_forward_pass(lm):
   np.testing.assert_allclose(logits, lm(tokens), rtol=1e-5, atol=1e-5)
 
 
+def test_prefill_with_scanned_layers_equals_the_forward_pass():
+  """Decoding runs the stacked MoE layers of model.scan_layers one by one:
+  each layer's slice must be used (a decoder that skipped the stacked layers
+  or reused one slice would differ)."""
+  spec = dsmoe.resolve(small_config(**{"model.vocab_size": 64, "model.init_std": 0.3,
+                                       "model.scan_layers": True, "model.num_layers": 3}))
+  model = Transformer(spec.model, rngs=nnx.Rngs(1))
+  assert len(model.blocks) < spec.model.num_layers  # some layers are stacked
+  tokens = jnp.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+  extend = nnx.jit(lambda m, tokens, positions, caches: m.extend(tokens, positions, caches))
+  logits, caches = extend(model, tokens, jnp.arange(8)[None], model.init_cache(1, 16))
+  assert len(caches) == spec.model.num_layers
+  want, _ = nnx.jit(lambda m, t: m(t, train=False))(model, tokens)
+  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+
+
 def test_no_recompilation_per_token_or_prompt(lm):
   gen.generate(lm, [[1, 2, 3], [4]], max_new_tokens=3)
   before = gen._generate._cache_size()

@@ -81,3 +81,22 @@ def test_device_balance_gradient_is_group_f_over_tokens():
   f_dev = f.reshape(groups, -1).mean(-1)  # [D]
   want = np.broadcast_to(np.repeat(f_dev, e // groups) / (b * t), (b, t, e))
   np.testing.assert_allclose(np.asarray(g), want, rtol=1e-6)
+
+
+def test_comm_balance_hand_computed():
+  # N'=4 experts on D=2 devices {0,1},{2,3}; K'=2; M=2; T=2 tokens.
+  # Token 0 picks {0,1}: sent to device 0 only; token 1 picks {0,2}: devices 0 and 1.
+  # f''_d = D/(M T) * #tokens sent to d = 2/4 * [2, 1] = [1, 0.5].
+  # P = [.45,.2,.25,.1] (as above), P'' = [.65, .35]. L = .65 + .5 * .35 = .825.
+  scores = jnp.array([[[.4, .3, .2, .1], [.5, .1, .3, .1]]])
+  idx = jnp.array([[[0, 1], [0, 2]]])
+  got = losses.comm_balance_loss(scores, idx, num_groups=2, max_groups=2)
+  assert float(got) == pytest.approx(0.825)
+
+
+def test_comm_balance_gradient_reaches_only_scores():
+  scores = jnp.array([[[.4, .3, .2, .1], [.5, .1, .3, .1]]])
+  idx = jnp.array([[[0, 1], [0, 2]]])
+  g = jax.grad(lambda s: losses.comm_balance_loss(s, idx, num_groups=2, max_groups=2))(scores)
+  # dL/ds_{t,j} = f''_{device(j)} / T: [1, 1, .5, .5] / 2 for every token.
+  np.testing.assert_allclose(g, np.broadcast_to([.5, .5, .25, .25], (1, 2, 4)), rtol=1e-6)

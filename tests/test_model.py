@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import dsmoe
@@ -127,3 +128,58 @@ def test_swiglu_fused_and_unfused_match_numpy():
     dx = (da * u * sig * (1 + g * (1 - sig))) @ wg.T + (da * g * sig) @ wu.T
     for a, b in zip(grads, (dx, dwg, dwu, np.einsum("btf,btd->fd", g * sig * u, np.ones((3, 5, d))))):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _stack_moe_layers(params, first):
+  """The unscanned parameter tree in the scanned layout: layers >= first
+  stacked on a new leading axis under "moe_blocks" (written here)."""
+  blocks = params["blocks"]
+  out = {k: v for k, v in params.items() if k != "blocks"}
+  out["blocks"] = {i: blocks[i] for i in range(first)}
+  out["moe_blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                   *[blocks[i] for i in range(first, len(blocks))])
+  return out
+
+
+def _loss_grads(spec, params_fn=None):
+  model = Transformer(spec, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if params_fn is not None:
+    nnx.replace_by_pure_dict(params, params_fn())
+  tok = jax.random.randint(jax.random.key(3), (2, 9), 0, 256)
+
+  def f(p):
+    logits, aux = nnx.merge(graphdef, p, rest)(tok)
+    return jnp.mean(jax.nn.logsumexp(logits, -1)) + sum(aux["losses"].values()), aux["moe"]
+
+  (val, stats), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+  return val, stats, nnx.to_pure_dict(grads), nnx.to_pure_dict(params)
+
+
+def test_default_parameter_tree_has_no_stacked_layers():
+  params = nnx.to_pure_dict(nnx.state(Transformer(small(), rngs=nnx.Rngs(0)), nnx.Param))
+  assert "moe_blocks" not in params and sorted(params["blocks"]) == [0, 1, 2]
+
+
+def test_scanned_layers_equal_the_layer_loop():
+  """scan_layers runs layers 1..3 (MoE) as one nnx.scan over stacked weights;
+  with the same weights it gives the loop's loss, statistics and gradients."""
+  plain = small(num_layers=4)
+  v0, st0, g0, p0 = _loss_grads(plain)
+  scanned = plain.replace(scan_layers=True)
+  v1, st1, g1, p1 = _loss_grads(scanned, lambda: _stack_moe_layers(p0, 1))
+  assert p1["moe_blocks"]["ffn"]["w_gate_edf"].shape[0] == 3  # stacked layer axis
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  np.testing.assert_array_equal(st1["tokens_per_expert"], st0["tokens_per_expert"])
+  want = _stack_moe_layers(g0, 1)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_policies_keep_loss_and_gradients(scan):
+  v0, _, g0, _ = _loss_grads(small(scan_layers=scan))
+  for remat in ("full", "save_dots", "save_moe_exchange"):
+    v1, _, g1, _ = _loss_grads(small(scan_layers=scan, remat=remat))
+    np.testing.assert_allclose(v1, v0, rtol=1e-6, err_msg=remat)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7), g0, g1)

@@ -76,3 +76,37 @@ def test_hash_router_is_fixed_function_of_token():
   assert np.all((np.asarray(a) >= 0) & (np.asarray(a) < 16))
   counts = np.bincount(np.asarray(hash_expert(jnp.arange(16000), 16)).ravel(), minlength=16)
   assert counts.min() > 800  # a fixed hash spreads token ids evenly
+
+
+def np_device_limited(s, top_k, groups, m):
+  """V2 device-limited top-k written out: per token, rank the devices by
+  their best expert score, keep the best m (ties: lower device), then take
+  the top-k experts among the kept devices' experts."""
+  e = s.shape[-1]
+  per = e // groups
+  idx = np.zeros(s.shape[:-1] + (top_k,), np.int64)
+  for pos in np.ndindex(s.shape[:-1]):
+    best = [max(s[pos][g * per:(g + 1) * per]) for g in range(groups)]
+    devices = sorted(range(groups), key=lambda g: (-best[g], g))[:m]
+    allowed = [j for j in range(e) if j // per in devices]
+    idx[pos] = sorted(allowed, key=lambda j: (-s[pos][j], j))[:top_k]
+  return idx
+
+
+@pytest.mark.parametrize("groups,m,top_k", [(4, 1, 2), (4, 2, 3), (8, 3, 6), (8, 2, 4)])
+def test_device_limited_routing_picks_only_from_the_top_m_devices(groups, m, top_k):
+  d, e = 16, 32
+  router = Router(d, e, top_k=top_k, score_fn="softmax", norm_topk_prob=False,
+                  routed_scaling_factor=1.0, init_std=0.5, param_dtype=jnp.float32,
+                  rngs=nnx.Rngs(0), num_groups=groups, max_groups=m)
+  x = np.asarray(jax.random.normal(jax.random.key(2), (3, 7, d)))
+  r = router(jnp.asarray(x))
+  s = np.asarray(r.scores_bte, np.float64)
+  want = np_device_limited(s, top_k, groups, m)
+  np.testing.assert_array_equal(np.asarray(r.idx_btk), want)
+  np.testing.assert_allclose(r.weight_btk, np.take_along_axis(s, want, -1), rtol=1e-6)
+  devices_used = np.asarray(r.idx_btk) // (e // groups)
+  assert max(len(set(row)) for row in devices_used.reshape(-1, top_k)) <= m
+  # The limit binds: unrestricted top-k would use more than m devices somewhere.
+  free = np.argsort(-s, axis=-1, kind="stable")[..., :top_k] // (e // groups)
+  assert max(len(set(row)) for row in free.reshape(-1, top_k)) > m

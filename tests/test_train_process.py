@@ -68,10 +68,10 @@ def _train(workdir, overrides=RUN, *extra):
   assert rc == 0, open(f"{workdir}.log").read()[-3000:]
 
 
-def _params(workdir, step):
+def _params(workdir, step, overrides=RUN):
   from dsmoe import config as config_lib
   from dsmoe.train import checkpoint, loop, optimizer
-  config = config_lib.resolve(small_config(**RUN))
+  config = config_lib.resolve(small_config(**overrides))
   tx = optimizer.make_optimizer(config.train)
   ckpts = checkpoint.Checkpoints(workdir, read_only=True)
   _, state, _ = checkpoint.init_or_restore(config, tx, ckpts, loop.make_mesh(), None, step)
@@ -161,12 +161,13 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-def _start_same_batches(tmp_path, workdir, *extra, log):
+def _start_same_batches(tmp_path, workdir, *extra, log, overrides=RUN, devices=1):
   launcher = tmp_path / "same_global_batch.py"
   launcher.write_text(SAME_GLOBAL_BATCH)
-  cmd = _cmd("train.py", workdir, RUN, *extra)
+  cmd = _cmd("train.py", workdir, overrides, *extra)
   cmd.insert(1, str(launcher))
-  return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=open(log, "w"),
+  env = {**_env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"),
                           stderr=subprocess.STDOUT)
 
 
@@ -188,6 +189,38 @@ def test_two_processes_equal_one_process(tmp_path):
   np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                _params(two, STEPS), _params(one, STEPS))
+
+
+# 32 routed experts over expert=8 devices (4 per process); all_to_all with room
+# for every pair (nothing dropped), so the run must equal one device.
+EP = {**RUN, "train.batch_size": 8, "model.moe.num_routed_experts": 32,
+      "model.moe.num_shared_experts": 2, "model.moe.top_k": 6, "model.moe.expert_hidden": 16,
+      "model.moe.ep_exchange": "all_to_all", "model.moe.ep_capacity_factor": 8.0}
+
+
+@pytest.mark.slow
+def test_two_processes_with_expert_parallelism_equal_one_device(tmp_path):
+  """2 processes x 4 CPU devices (gloo), mesh expert=8: the token exchange
+  crosses the processes; losses and parameters equal a one-device run."""
+  one = tmp_path / "one"
+  assert _finish(_start_same_batches(tmp_path, one, log=f"{one}.log", overrides=EP)) == 0, \
+      open(f"{one}.log").read()[-3000:]
+  two = tmp_path / "two"
+  port = _free_port()
+  ep_mesh = {**EP, "mesh.data": 1, "mesh.expert": 8}
+  procs = [_start_same_batches(tmp_path, two, f"--coordinator_address=127.0.0.1:{port}",
+                               "--num_processes=2", f"--process_id={i}", log=f"{two}.{i}.log",
+                               overrides=ep_mesh, devices=4)
+           for i in range(2)]
+  rcs = [_finish(p) for p in procs]
+  assert rcs == [0, 0], open(f"{two}.0.log").read()[-3000:] + open(f"{two}.1.log").read()[-3000:]
+  assert "8 devices (mesh {'data': 1, 'fsdp': 1, 'expert': 8}), 2 processes" in \
+      open(f"{two}.0.log").read()
+  got, want = read_losses(two), read_losses(one)
+  assert [s for s, _ in got] == [s for s, _ in want] == [3, 6, 9, 12, 15, 16]
+  np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+               _params(two, STEPS, EP), _params(one, STEPS, EP))
 
 
 @pytest.mark.slow

@@ -7,6 +7,11 @@ over, s_{i,t} the router scores (softmax over routed experts).
   P_i = 1/T * sum_t s_{i,t}                                (gradient flows)
   L_ExpBal = sum_i f_i P_i          (perfect balance: 1; times a1 outside)
   L_DevBal = sum_d f'_d P'_d,  f'_d = mean_{j in E_d} f_j,  P'_d = sum_{j in E_d} P_j
+  L_CommBal = sum_d f''_d P'_d, f''_d = D / (M T) * sum_t 1[token t sent to device d]
+
+Every statistic runs over all T tokens it is given: called outside
+shard_map on the global batch (as dsmoe.model.moe does), the losses do not
+depend on how the batch is split over devices.
 """
 
 from __future__ import annotations
@@ -47,3 +52,16 @@ def device_balance_loss(scores_bte: jax.Array, idx_btk: jax.Array, *,
   f_dev = f.reshape(num_groups, e // num_groups).mean(axis=-1)  # [D]
   p_dev = p.reshape(num_groups, e // num_groups).sum(axis=-1)  # [D]
   return jnp.sum(f_dev * p_dev)
+
+
+def comm_balance_loss(scores_bte: jax.Array, idx_btk: jax.Array, *, num_groups: int,
+                      max_groups: int) -> jax.Array:
+  """L_CommBal / a3 (DeepSeek-V2): D = num_groups devices, M = max_groups per token."""
+  b, t, e = scores_bte.shape
+  dev_btk = idx_btk // (e // num_groups)
+  sent_btd = jnp.any(dev_btk[..., None] == jnp.arange(num_groups), axis=-2)  # [B,T,D]
+  f_d = jax.lax.stop_gradient(jnp.sum(sent_btd, axis=(0, 1)).astype(jnp.float32)
+                              * num_groups / (max_groups * b * t))  # [D]
+  p_d = jnp.mean(scores_bte.astype(jnp.float32), axis=(0, 1)).reshape(
+      num_groups, -1).sum(axis=-1)  # [D]
+  return jnp.sum(f_d * p_d)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsmoe import dispatch
+from dsmoe import parallel
 from dsmoe.model import losses
 from dsmoe.model.layers import MLP, normal_init
 from dsmoe.model.router import Router, Routing, hash_routing
@@ -18,16 +19,23 @@ class MoE(nnx.Module):
 
   Steps of one call on u [B, T, D] (docs/MODEL.md has the formulas):
     1. router: scores s [B,T,N'] in float32 (softmax over routed experts only),
-       top-K' indices and gates g (optionally renormalised, then scaled);
-       the hash router instead picks one expert from the token id, gate 1;
+       top-K' indices (among the experts of the token's best M devices when
+       `max_devices_per_token` = M > 0) and gates g (optionally renormalised,
+       then scaled); the hash router instead picks one expert from the token
+       id, gate 1;
     2. balance losses from (s, top-K'): expert-level a1 * L_ExpBal (per
-       sequence if `seq_aux`) and device-level a2 * L_DevBal (D groups);
+       sequence if `seq_aux`), device-level a2 * L_DevBal and communication
+       a3 * L_CommBal (D device groups);
     3. shared experts: K_s experts run as one SwiGLU MLP of hidden
        K_s * expert_hidden on every token, unweighted;
     4. routed experts: the configured dispatch (`spec.impl`, dsmoe.dispatch)
-       computes sum_k g_k FFN_{e_k}(u_t);
+       computes sum_k g_k FFN_{e_k}(u_t); when the ambient mesh has an
+       `expert` axis > 1, inside shard_map with the experts split over it
+       (dsmoe.parallel.expert, exchange `spec.ep_exchange`);
     5. routing statistics: (token, slot) picks per expert and the dropped
        fraction.
+  Steps 1, 2 and 5 see the global batch (outside shard_map), so losses and
+  statistics do not depend on the mesh.
   """
 
   def __init__(self, model: ModelSpec, *, rngs: nnx.Rngs):
@@ -39,7 +47,9 @@ class MoE(nnx.Module):
                            norm_topk_prob=spec.norm_topk_prob,
                            routed_scaling_factor=spec.routed_scaling_factor,
                            init_std=model.init_std, param_dtype=pdt, rngs=rngs,
-                           skip_top=spec.skip_top_experts)
+                           skip_top=spec.skip_top_experts,
+                           num_groups=spec.num_device_groups,
+                           max_groups=spec.max_devices_per_token)
     else:
       self.router = None
     self.shared = (MLP(d, spec.num_shared_experts * f, init_std=model.init_std,
@@ -70,14 +80,24 @@ class MoE(nnx.Module):
     if spec.device_balance_alpha > 0:
       out["device_balance"] = spec.device_balance_alpha * losses.device_balance_loss(
           routing.scores_bte, routing.idx_btk, num_groups=spec.num_device_groups)
+    if spec.comm_balance_alpha > 0:
+      out["comm_balance"] = spec.comm_balance_alpha * losses.comm_balance_loss(
+          routing.scores_bte, routing.idx_btk, num_groups=spec.num_device_groups,
+          max_groups=spec.max_devices_per_token)
     return out
 
   def routed(self, x_td: jax.Array, routing: Routing, *, train: bool) -> dispatch.DispatchResult:
     """Step 4 on the flattened tokens x_td [T, D]."""
     spec, k = self.spec, routing.idx_btk.shape[-1]
+    idx_tk, weight_tk = routing.idx_btk.reshape(-1, k), routing.weight_btk.reshape(-1, k)
+    if parallel.mesh.ambient_axis_size("expert") > 1:
+      return parallel.expert.routed_experts(
+          x_td, idx_tk, weight_tk, self.experts(), exchange=spec.ep_exchange, train=train,
+          capacity_factor=spec.ep_capacity_factor,
+          eval_capacity_factor=spec.eval_capacity_factor, drop_policy=spec.drop_policy,
+          backend=spec.gmm_backend, strategy=spec.gmm_strategy, block_size=spec.block_size)
     return dispatch.routed_experts(
-        x_td, routing.idx_btk.reshape(-1, k), routing.weight_btk.reshape(-1, k),
-        self.experts(), impl=spec.impl,
+        x_td, idx_tk, weight_tk, self.experts(), impl=spec.impl,
         capacity_factor=spec.capacity_factor if train else spec.eval_capacity_factor,
         drop_policy=spec.drop_policy, backend=spec.gmm_backend,
         strategy=spec.gmm_strategy, block_size=spec.block_size)

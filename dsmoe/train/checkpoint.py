@@ -21,9 +21,9 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsmoe import errors
+from dsmoe.parallel import rules
 from dsmoe.train import step as step_lib
 
 
@@ -188,19 +188,21 @@ def init_or_restore(config, tx, ckpts, mesh, data_iter, step: int | None = None)
   """(graphdef, state, log_interval) from checkpoint `step` (default latest), or a
   fresh init (log_interval {}): from the params checkpoint ``train.init_from``
   when set (dsmoe.train.pretrained), else random. Restores `data_iter`'s state
-  when given."""
-  graphdef, shapes = step_lib.abstract_state(config, tx)
-  replicated = NamedSharding(mesh, P())
-  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                        shapes)
+  when given.
+
+  The state lands in the sharding rules' layout on `mesh` (dsmoe.parallel.rules),
+  whatever mesh the checkpoint was saved from: Orbax reads each device's pieces.
+  """
   if step is not None or ckpts.latest_step() is not None:
-    state, data = ckpts.restore(shapes, step)
+    graphdef, shapes = step_lib.abstract_state(config, tx)
+    state, data = ckpts.restore(rules.with_shardings(shapes, mesh), step)
     if data_iter is not None:
       where = ckpts.path(int(state["step"]))
       data_iter.set_state(data_state_for_this_process(data, where))
     return graphdef, state, data.get("log_interval", {}) if isinstance(data, dict) else {}
   if config.train.init_from:
     from dsmoe.train import pretrained  # noqa: PLC0415
-    return graphdef, pretrained.init_state(config, tx, shapes), {}
-  init = jax.jit(lambda: step_lib.init_state(config, tx)[1], out_shardings=replicated)
-  return graphdef, init(), {}
+    graphdef, shapes = step_lib.abstract_state(config, tx)
+    return graphdef, pretrained.init_state(config, tx, rules.with_shardings(shapes, mesh)), {}
+  graphdef, state = step_lib.init_sharded(config, tx, mesh)
+  return graphdef, state, {}

@@ -69,7 +69,8 @@ def score(graphdef, params, rest, eval_set: EvalSet, mesh, *, batch_size: int,
   tokens_d = np.zeros(eval_set.num_docs)
   for batch in eval_set.batches(batch_size, num_batches, process_index=jax.process_index(),
                                 process_count=jax.process_count()):
-    out = jax.device_get(fn(params, rest, global_batch(batch, mesh)))
+    with jax.set_mesh(mesh):  # the expert-parallel MoE layers read the ambient mesh
+      out = jax.device_get(fn(params, rest, global_batch(batch, mesh)))
     loss_d += out[0]
     tokens_d += out[1]
   return loss_d, tokens_d

@@ -3,12 +3,12 @@
 1. resolve + validate the config (before anything is traced);
 2. claim the workdir: writable, and locked against a second trainer
    (dsmoe.train.lock; process 0);
-3. build the mesh (one 'data' axis over all devices), the optimizer, the
+3. build the mesh (data x fsdp x expert, dsmoe.parallel), the optimizer, the
    data iterator, the checkpoint manager, with the checks of
    dsmoe.train.preflight (training and validation data readable, free disk
    for a checkpoint); restore the latest checkpoint of `workdir` (model, optimizer, step,
    data-iterator state, unfinished logging interval; checked against the
-   config) or initialise;
+   config) onto the mesh's shardings, or initialise sharded;
 4. loop: global batch -> jitted train_step (donated state) -> non-finite
    check -> metrics averaged over the logging interval (jsonl, TensorBoard,
    tqdm) -> checkpoint every `train.checkpoint_every` steps, each only if
@@ -44,7 +44,7 @@ from dsmoe.train import optimizer as optimizer_lib
 from dsmoe.train import preflight
 from dsmoe.train import step as step_lib
 from dsmoe.train.evaluation import DOCUMENTS_FILE, evaluate
-from dsmoe.train.mesh import global_batch, make_mesh
+from dsmoe.train.mesh import check_model_fits, global_batch, make_mesh
 from dsmoe.train.signals import StopOnSignal
 
 
@@ -117,7 +117,7 @@ def _save(run: Run, step: int, state, data_iter, batch) -> None:
   if run.ckpts.latest_step() == step:
     return
   if run.probe_fn is None:
-    run.probe_fn = step_lib.jit_probe_step(run.config, run.graphdef)
+    run.probe_fn = step_lib.jit_probe_step(run.config, run.graphdef, run.mesh)
   out = jax.device_get(run.probe_fn(state["params"], state["rest"], batch))
   if not out["finite"]:
     raise NonFiniteError(
@@ -132,7 +132,7 @@ def _save(run: Run, step: int, state, data_iter, batch) -> None:
 def _train(run: Run, state, data_iter, stop: StopOnSignal):
   """The step loop; returns (state, stopped_by_signal)."""
   t = run.config.train
-  train_fn = step_lib.jit_train_step(run.config, run.graphdef, run.tx)
+  train_fn = step_lib.jit_train_step(run.config, run.graphdef, run.tx, run.mesh)
   peak_total = (t.peak_flops or metrics_lib.measure_peak_flops()) * jax.device_count()
   start = int(state["step"])
   clock, tokens = time.perf_counter(), 0.0
@@ -211,6 +211,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   with contextlib.ExitStack() as stack:
     preflight.claim_workdir(workdir, stack)
     mesh = make_mesh(config.mesh)
+    check_model_fits(config, mesh)
     _check_batch(config, mesh)
     tx = optimizer_lib.make_optimizer(config.train)
     data_iter, eval_set = preflight.open_data(config, make_loader, make_eval_set)
@@ -228,7 +229,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
               metrics_lib.Interval(interval), eval_set)
     if run.main:
       print(f"{'resuming from step ' + str(start) if start else 'starting'}: "
-            f"workdir {workdir}, {jax.device_count()} devices, {jax.process_count()} processes")
+            f"workdir {workdir}, {jax.device_count()} devices (mesh {dict(mesh.shape)}), "
+            f"{jax.process_count()} processes")
     with StopOnSignal() as stop:
       state, stopped = _train(run, state, data_iter, stop)
     ckpts.wait()

@@ -15,6 +15,11 @@ initialisation is seeded by ``train.seed``.
 The model is rebuilt inside the traced function with ``nnx.merge(graphdef,
 params, rest)``; `graphdef` is static (closed over by :func:`jit_train_step`;
 it holds the frozen ModelSpec, so it is hashable).
+
+On a mesh (dsmoe.parallel.mesh) every leaf of the state has the sharding of
+dsmoe.parallel.rules: :func:`init_sharded` creates it that way (no device
+ever holds the whole state), and the jitted steps keep it; they trace and run
+under ``jax.set_mesh(mesh)``, which the expert-parallel MoE layers read.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import optax
 from flax import nnx
 
 from dsmoe.model import Transformer
+from dsmoe.parallel import rules
 from dsmoe.spec import Spec
 from dsmoe.train import optimizer as optimizer_lib
 
@@ -51,6 +57,21 @@ def abstract_state(config: Spec, tx: optax.GradientTransformation):
     return state
   shapes = jax.eval_shape(build)
   return out["graphdef"], shapes
+
+
+def state_shardings(config: Spec, tx: optax.GradientTransformation, mesh):
+  """(graphdef, NamedShardings of every state leaf on `mesh`)."""
+  graphdef, shapes = abstract_state(config, tx)
+  return graphdef, rules.tree_shardings(shapes, mesh)
+
+
+def init_sharded(config: Spec, tx: optax.GradientTransformation, mesh):
+  """(graphdef, state) initialised directly into its shardings on `mesh`
+  (jit with out_shardings: each device computes only its own pieces)."""
+  graphdef, shardings = state_shardings(config, tx, mesh)
+  with jax.set_mesh(mesh):
+    state = jax.jit(lambda: init_state(config, tx)[1], out_shardings=shardings)()
+  return graphdef, state
 
 
 def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array):
@@ -84,7 +105,9 @@ def _grads(graphdef, params, rest, batch, accum: int):
   if accum == 1:
     (_, (ce_sum, aux)), grads = grad_fn(params, graphdef, rest, batch, n_tokens, 1)
     return grads, ce_sum, n_tokens, aux
-  micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+  # Micro-batch i = rows i, i + accum, ...: every device keeps its own rows
+  # (B/devices consecutive rows split evenly), so no batch row moves.
+  micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
   def body(carry, mb):
     (_, (ce_sum, aux)), g = grad_fn(params, graphdef, rest, mb, n_tokens, accum)
@@ -154,15 +177,39 @@ def probe_step(params, rest, batch, *, graphdef, accum: int):
   return {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
-def jit_train_step(config: Spec, graphdef, tx):
-  """train_step jitted with the state donated (updated in place)."""
+class OnMesh:
+  """A jitted function that traces, lowers and runs under ``jax.set_mesh(mesh)``."""
+
+  def __init__(self, jitted, mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args):
+    if self.mesh is None:
+      return self.jitted(*args)
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    if self.mesh is None:
+      return self.jitted.lower(*args)
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
+
+
+def jit_train_step(config: Spec, graphdef, tx, mesh=None) -> OnMesh:
+  """train_step jitted with the state donated (updated in place); on `mesh`
+  the new state keeps the sharding rules' layout."""
   t = config.train
   fn = functools.partial(train_step, graphdef=graphdef, tx=tx,
                          schedule=optimizer_lib.make_schedule(t),
                          accum=t.grad_accum_steps, skip_nonfinite=t.skip_nonfinite)
-  return jax.jit(fn, donate_argnums=0)
+  if mesh is None:
+    return OnMesh(jax.jit(fn, donate_argnums=0), None)
+  _, shardings = state_shardings(config, tx, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return OnMesh(jax.jit(fn, donate_argnums=0, out_shardings=(shardings, replicated)), mesh)
 
 
-def jit_probe_step(config: Spec, graphdef):
-  return jax.jit(functools.partial(probe_step, graphdef=graphdef,
-                                   accum=config.train.grad_accum_steps))
+def jit_probe_step(config: Spec, graphdef, mesh=None) -> OnMesh:
+  return OnMesh(jax.jit(functools.partial(probe_step, graphdef=graphdef,
+                                          accum=config.train.grad_accum_steps)), mesh)

@@ -1,0 +1,74 @@
+"""Compile the real train step for a mesh without allocating anything.
+
+    compile_train_step(config, mesh) -> jax.stages.Compiled
+    memory_plan(config, mesh) -> {"memory": {...}, "collectives": [...], ...}
+
+The state and the batch are ShapeDtypeStructs carrying their shardings
+(dsmoe.parallel.rules), so `jit(...).lower(...).compile()` sees exactly what
+training runs, while nothing the size of the model is ever created.
+`scripts/plan_memory.py` runs it on fake CPU devices
+(``--xla_force_host_platform_device_count``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dsmoe import config as config_lib
+from dsmoe.parallel import hlo
+from dsmoe.parallel import mesh as mesh_lib
+from dsmoe.parallel import rules
+from dsmoe.train import optimizer as optimizer_lib
+from dsmoe.train import step as step_lib
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
+
+
+def abstract_batch(spec, mesh) -> dict:
+  """The global batch as ShapeDtypeStructs split over data x fsdp x expert."""
+  shape = (spec.train.batch_size, spec.data.seq_len)
+  sharding = mesh_lib.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in BATCH_KEYS}
+
+
+def compile_train_step(config, mesh):
+  """The compiled train step of `config` on `mesh` (nothing allocated)."""
+  spec = config_lib.resolve(config)
+  mesh_lib.check_model_fits(spec, mesh)
+  tx = optimizer_lib.make_optimizer(spec.train)
+  graphdef, shapes = step_lib.abstract_state(spec, tx)
+  state = rules.with_shardings(shapes, mesh)
+  fn = step_lib.jit_train_step(spec, graphdef, tx, mesh)
+  return fn.lower(state, abstract_batch(spec, mesh)).compile()
+
+
+def state_bytes_per_device(config, mesh) -> dict[str, int]:
+  """Bytes of params and optimizer state one device holds under the rules."""
+  spec = config_lib.resolve(config)
+  tx = optimizer_lib.make_optimizer(spec.train)
+  _, shapes = step_lib.abstract_state(spec, tx)
+  out = {}
+  for part in ("params", "opt_state"):
+    total = 0
+    for s in jax.tree.leaves(rules.with_shardings(shapes[part], mesh)):
+      shard = s.sharding.shard_shape(s.shape)
+      total += jnp.dtype(s.dtype).itemsize * math.prod(shard)
+    out[part] = total
+  return out
+
+
+def memory_plan(config, mesh) -> dict:
+  """Per-device memory of the compiled step and its collectives per step."""
+  compiled = compile_train_step(config, mesh)
+  m = compiled.memory_analysis()
+  memory = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+            "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
+  memory["peak_estimate"] = (memory["arguments"] + memory["outputs"] - memory["aliased"]
+                             + memory["temporaries"])
+  colls = hlo.collectives(compiled.as_text())
+  return {"mesh": dict(mesh.shape), "memory": memory,
+          "state": state_bytes_per_device(config, mesh),
+          "collectives": colls, "summary": hlo.summary(colls)}
