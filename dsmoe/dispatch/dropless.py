@@ -81,7 +81,7 @@ LOOP_MAX_BRANCHES = 16  # chunk sizes R, 2R, ..., 16R: one compiled branch each
 LOOP_CHUNK_OVER_MEAN = 1.25  # a chunk holds the mean rows per expert + 25%
 
 
-def _loop_target(num_pairs: int, num_experts: int) -> int:
+def loop_target(num_pairs: int, num_experts: int) -> int:
   """The rows one chunk of the loop should hold: a fairly loaded expert's
   (the mean rows per expert + 25%), at most LOOP_MAX_CHUNK."""
   return min(LOOP_MAX_CHUNK, max(1, math.ceil(LOOP_CHUNK_OVER_MEAN * num_pairs / num_experts)))
@@ -91,7 +91,7 @@ def auto_block_size(num_pairs: int, num_experts: int, strategy: str) -> int:
   """Rows per block R (each expert's rows are padded to a multiple of R).
 
   "loop": the smallest power of two >= 8 that splits a chunk of
-  :func:`_loop_target` rows into at most LOOP_MAX_BRANCHES blocks (the
+  :func:`loop_target` rows into at most LOOP_MAX_BRANCHES blocks (the
   mean expert then runs as one chunk; its padding is below R rows). At the
   default shape (T*K = 24576 pairs, 64 experts) that is R = 32 and chunks
   of up to 480 rows. "batched": a power of two >= 8 near the mean rows per
@@ -99,7 +99,7 @@ def auto_block_size(num_pairs: int, num_experts: int, strategy: str) -> int:
   so larger blocks pay off).
   """
   if strategy == "loop":
-    return loop_block_size(_loop_target(num_pairs, num_experts))
+    return loop_block_size(loop_target(num_pairs, num_experts))
   per_expert = max(1, num_pairs // num_experts)
   return int(min(256, max(8, 1 << (per_expert.bit_length() - 1))))
 
@@ -144,7 +144,7 @@ def _loop(x_td, idx_tk, weight_tk, w: ExpertWeights, block: int):
   takes the weights in their own dtype and casts them per expert)."""
   num_experts = w.w_gate_edf.shape[0]
   lay = layout_lib.blocked_layout(idx_tk, num_experts, block)
-  rows = min(_loop_target(idx_tk.size, num_experts), lay.token_p.shape[0] // block * block)
+  rows = min(loop_target(idx_tk.size, num_experts), lay.token_p.shape[0] // block * block)
   sizes = loop_chunk_sizes(block, rows)
   return expert_loop.run_layout(x_td, weight_tk, w, lay, sizes)  # [T,D]
 

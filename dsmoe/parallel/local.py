@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from dsmoe.dispatch import block_batched
 from dsmoe.dispatch import dropless
 from dsmoe.dispatch import layout as layout_lib
-from dsmoe.dispatch.common import ExpertWeights, cast, gate_per_row
-from dsmoe.dispatch.expert_loop import expert_loop
+from dsmoe.dispatch import expert_loop
+from dsmoe.dispatch.common import ExpertWeights, cast
 from dsmoe.dispatch.permute import combine, permute
 
 
@@ -52,13 +52,16 @@ def _grouped(x_td, idx_tk, weight_tk, w: ExpertWeights, num_local: int, backend:
   return combine(y_pd, weight_tk, lay.row_tk, lay.token_p, lay.pair_p, may_drop=False)
 
 
-def _blocked(x_td, idx_tk, weight_tk, w: ExpertWeights, num_local: int, block: int,
-             strategy: str):
+def _blocked(x_td, idx_tk, weight_tk, experts: ExpertWeights, num_local: int, block: int,
+             strategy: str, expected_pairs: int):
   lay = layout_lib.blocked_layout(idx_tk, num_local + 1, block)
+  if strategy == "loop":  # runs over the experts of `experts`: the local ones only
+    rows = min(dropless.loop_target(expected_pairs, num_local),
+               lay.token_p.shape[0] // block * block)
+    return expert_loop.run_layout(x_td, weight_tk, experts, lay,
+                                  dropless.loop_chunk_sizes(block, rows))
+  w = cast(experts, x_td.dtype)
   block_end_e = lay.block_end_e[:num_local]  # the blocks of the local experts
-  if strategy == "loop":
-    weight_gr = gate_per_row(weight_tk, lay.pair_p).reshape(-1, block)  # [G,R]
-    return expert_loop(x_td, weight_gr, w, lay.token_p.reshape(-1, block), block_end_e)
   x_pd = permute(x_td, lay.token_p, lay.row_tk, may_drop=False)  # [P,D]
   x_grd = x_pd.reshape(-1, block, x_pd.shape[-1])  # [G,R,D]
   w_g = block_batched.per_block(w, block_batched.block_experts(block_end_e, x_grd.shape[0]))
@@ -77,14 +80,13 @@ def local_dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, first_exp
   """
   num_local = experts.w_gate_edf.shape[0]
   idx, weight = _here(idx_tk, weight_tk, first_expert, num_local)
-  w = cast(experts, x_td.dtype)
   backend = dropless.resolve_backend(backend)
   if backend == "ragged_dot":
-    return _grouped(x_td, idx, weight, w, num_local, backend, 1)
+    return _grouped(x_td, idx, weight, cast(experts, x_td.dtype), num_local, backend, 1)
   if backend == "pallas":
-    return _grouped(x_td, idx, weight, w, num_local, backend,
+    return _grouped(x_td, idx, weight, cast(experts, x_td.dtype), num_local, backend,
                     block_size or dropless.PALLAS_BLOCK)
   strategy = dropless.resolve_strategy(strategy)
-  block = dropless.resolve_block_size(block_size, expected_pairs or idx.size, num_local,
-                                      strategy)
-  return _blocked(x_td, idx, weight, w, num_local, block, strategy)
+  expected_pairs = expected_pairs or idx.size
+  block = dropless.resolve_block_size(block_size, expected_pairs, num_local, strategy)
+  return _blocked(x_td, idx, weight, experts, num_local, block, strategy, expected_pairs)
