@@ -139,3 +139,31 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
                           jax.tree.leaves(jax.device_get(restored))):
     np.testing.assert_array_equal(np.asarray(b), np.asarray(a),
                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_init_from_params_land_in_the_meshs_shardings(tmp_path):
+  """train.init_from (a params-only checkpoint, e.g. a converted release) on
+  fsdp=2 x expert=4: the params equal the saved ones, already split by the
+  rules (each device holds E/4 experts, half of d_model), Adam moments zero."""
+  from dsmoe.train import pretrained  # pylint: disable=g-import-not-at-top
+  spec = config(**{"mesh.data": 1, "mesh.fsdp": 2, "mesh.expert": 4})
+  tx = optimizer.make_optimizer(spec.train)
+  rng = np.random.default_rng(5)
+  _, shapes = step.abstract_state(spec, tx)
+  saved = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes["params"])
+  pretrained.save_streaming(str(tmp_path / "params"), jax.tree.map(
+      lambda a: pretrained.LazyArray(a.shape, a.dtype, lambda a=a: a), saved))
+  spec = config(**{"mesh.data": 1, "mesh.fsdp": 2, "mesh.expert": 4,
+                   "train.init_from": str(tmp_path / "params")})
+  mesh = make_mesh(fsdp=2, expert=4)
+  ckpts = checkpoint.Checkpoints(str(tmp_path / "run"))
+  _, state, _ = checkpoint.init_or_restore(spec, tx, ckpts, mesh, None)
+  ckpts.close()
+  w = state["params"]["blocks"][1]["ffn"]["w_up_edf"]
+  assert w.sharding.mesh.shape == mesh.shape
+  assert w.sharding.shard_shape(w.shape) == (E // 4, D // 2, F)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(saved),
+                          jax.tree.leaves(jax.device_get(state["params"]))):
+    np.testing.assert_array_equal(np.asarray(b), a, err_msg=jax.tree_util.keystr(path))
+  moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0]
+  assert moments and all(not np.any(np.asarray(x)) for x in moments)
