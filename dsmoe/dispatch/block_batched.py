@@ -35,3 +35,12 @@ def block_swiglu(x_grd: jax.Array, w_g: ExpertWeights) -> jax.Array:
   g = jnp.einsum("grd,gdf->grf", x_grd, w_g.w_gate_edf)  # [G,R,F]
   u = jnp.einsum("grd,gdf->grf", x_grd, w_g.w_up_edf)  # [G,R,F]
   return jnp.einsum("grf,gfd->grd", jax.nn.silu(g) * u, w_g.w_down_efd)  # [G,R,D]
+
+
+def swiglu_over_blocks(x_pd: jax.Array, block_end_e: jax.Array, w: ExpertWeights,
+                       block: int) -> jax.Array:
+  """The permuted rows x_pd [P, D] (blocks of `block` rows, expert e owning
+  the blocks before block_end_e[e]) through their experts' SwiGLU: [P, D]."""
+  x_grd = x_pd.reshape(-1, block, x_pd.shape[-1])  # [G,R,D]
+  w_g = per_block(w, block_experts(block_end_e, x_grd.shape[0]))
+  return block_swiglu(x_grd, w_g).reshape(x_pd.shape)  # [P,D]

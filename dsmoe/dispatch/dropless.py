@@ -139,14 +139,14 @@ def pallas_swiglu(x_pd, group_sizes_e, experts: ExpertWeights, tiling: pallas_gm
                         tiling=tiling)  # [P,D]
 
 
-def _loop(x_td, idx_tk, weight_tk, w: ExpertWeights, block: int):
-  """Backend "blocked", strategy "loop": layout, then the fused loop (which
-  takes the weights in their own dtype and casts them per expert)."""
+def loop_over_layout(x_td, weight_tk, w: ExpertWeights, lay, block: int,
+                     expected_pairs: int):
+  """The fused loop (expert_loop.py) over the experts of `w` on a blocked
+  layout; chunks sized for `expected_pairs` pairs spread over those experts
+  (the weights stay in their own dtype: the loop casts them per expert)."""
   num_experts = w.w_gate_edf.shape[0]
-  lay = layout_lib.blocked_layout(idx_tk, num_experts, block)
-  rows = min(loop_target(idx_tk.size, num_experts), lay.token_p.shape[0] // block * block)
-  sizes = loop_chunk_sizes(block, rows)
-  return expert_loop.run_layout(x_td, weight_tk, w, lay, sizes)  # [T,D]
+  rows = min(loop_target(expected_pairs, num_experts), lay.token_p.shape[0] // block * block)
+  return expert_loop.run_layout(x_td, weight_tk, w, lay, loop_chunk_sizes(block, rows))
 
 
 def _permuted(x_td, idx_tk, weight_tk, w: ExpertWeights, block: int, backend: str):
@@ -155,10 +155,7 @@ def _permuted(x_td, idx_tk, weight_tk, w: ExpertWeights, block: int, backend: st
   lay = layout_lib.blocked_layout(idx_tk, num_experts, block)
   x_pd = permute(x_td, lay.token_p, lay.row_tk, may_drop=False)  # [P,D]
   if backend == "blocked":
-    x_grd = x_pd.reshape(-1, block, x_pd.shape[-1])  # [G,R,D]
-    w_g = block_batched.per_block(w, block_batched.block_experts(lay.block_end_e,
-                                                                 x_grd.shape[0]))
-    y_pd = block_batched.block_swiglu(x_grd, w_g).reshape(x_pd.shape)  # [P,D]
+    y_pd = block_batched.swiglu_over_blocks(x_pd, lay.block_end_e, w, block)  # [P,D]
   elif backend == "pallas":  # experts' rows padded to whole blocks = kernel row tiles
     blocks_e = jnp.diff(lay.block_end_e, prepend=0)  # [E]
     y_pd = pallas_swiglu(x_pd, blocks_e * block, w, pallas_gmm.Tiling(tm=block))  # [P,D]
@@ -189,7 +186,8 @@ def dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, backend: str = 
     strategy = resolve_strategy(strategy)
     block = resolve_block_size(block_size, idx_tk.size, w.w_gate_edf.shape[0], strategy)
     if strategy == "loop":  # casts each expert's weights itself
-      y_td = _loop(x_td, idx_tk, weight_tk, experts, block)
+      lay = layout_lib.blocked_layout(idx_tk, w.w_gate_edf.shape[0], block)
+      y_td = loop_over_layout(x_td, weight_tk, experts, lay, block, idx_tk.size)
     else:
       y_td = _permuted(x_td, idx_tk, weight_tk, w, block, backend)
   return DispatchResult(y_td, no_drops())

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 from dsmoe.dispatch import block_batched
 from dsmoe.dispatch import dropless
 from dsmoe.dispatch import layout as layout_lib
-from dsmoe.dispatch import expert_loop
 from dsmoe.dispatch.common import ExpertWeights, cast
 from dsmoe.dispatch.permute import combine, permute
 
@@ -54,18 +53,12 @@ def _grouped(x_td, idx_tk, weight_tk, w: ExpertWeights, num_local: int, backend:
 
 def _blocked(x_td, idx_tk, weight_tk, experts: ExpertWeights, num_local: int, block: int,
              strategy: str, expected_pairs: int):
-  lay = layout_lib.blocked_layout(idx_tk, num_local + 1, block)
+  lay = layout_lib.blocked_layout(idx_tk, num_local + 1, block)  # "elsewhere" last
   if strategy == "loop":  # runs over the experts of `experts`: the local ones only
-    rows = min(dropless.loop_target(expected_pairs, num_local),
-               lay.token_p.shape[0] // block * block)
-    return expert_loop.run_layout(x_td, weight_tk, experts, lay,
-                                  dropless.loop_chunk_sizes(block, rows))
-  w = cast(experts, x_td.dtype)
-  block_end_e = lay.block_end_e[:num_local]  # the blocks of the local experts
+    return dropless.loop_over_layout(x_td, weight_tk, experts, lay, block, expected_pairs)
   x_pd = permute(x_td, lay.token_p, lay.row_tk, may_drop=False)  # [P,D]
-  x_grd = x_pd.reshape(-1, block, x_pd.shape[-1])  # [G,R,D]
-  w_g = block_batched.per_block(w, block_batched.block_experts(block_end_e, x_grd.shape[0]))
-  y_pd = block_batched.block_swiglu(x_grd, w_g).reshape(x_pd.shape)  # [P,D]
+  y_pd = block_batched.swiglu_over_blocks(x_pd, lay.block_end_e[:num_local],
+                                          cast(experts, x_td.dtype), block)  # [P,D]
   return combine(y_pd, weight_tk, lay.row_tk, lay.token_p, lay.pair_p, may_drop=False)
 
 

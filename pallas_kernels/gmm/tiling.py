@@ -111,13 +111,7 @@ def tpu_gmm_tiles(tiling: Tiling, m: int, k: int, n: int, in_bytes: int, out_byt
 
   if tiling.tn is None and gen.megacore and n >= 2 * gen.mxu:
     tn = _down(-(-n // 2) + gen.mxu - 1, gen.mxu)  # two column tiles, one per core
-  while need(tk, tn) > gen.budget:
-    if tiling.tn is None and tn > gen.mxu:
-      tn = _down(tn // 2, gen.mxu)
-    elif tiling.tk is None and tk > gen.mxu:
-      tk = _down(tk // 2, gen.mxu)
-    else:
-      break
+  tk, tn = _within_budget(tiling, gen, need, tk, tn, k_first=lambda tk, tn: False)
   return tm, tk, tn, _vmem_limit(need(tk, tn), gen)
 
 
@@ -132,16 +126,24 @@ def tpu_tgmm_tiles(tiling: Tiling, m: int, k: int, n: int, in_bytes: int, out_by
 
   if tiling.tk is None and gen.megacore and k >= 2 * gen.mxu:
     tk = _down(-(-k // 2) + gen.mxu - 1, gen.mxu)  # two row tiles of drhs, one per core
+  tk, tn = _within_budget(tiling, gen, need, tk, tn, k_first=lambda tk, tn: tk >= tn)
+  return tm, tk, tn, _vmem_limit(need(tk, tn), gen)
+
+
+def _within_budget(tiling: Tiling, gen: TpuGeneration, need, tk: int, tn: int, k_first):
+  """Halve the tiles the caller left free (tiling.tk/tn None), one per round
+  and never below the MXU width, until need(tk, tn) bytes fit gen.budget.
+  k_first(tk, tn): halve tk rather than tn this round when both can shrink."""
   while need(tk, tn) > gen.budget:
-    if tiling.tk is None and tk >= tn and tk > gen.mxu:
+    can_k = tiling.tk is None and tk > gen.mxu
+    can_n = tiling.tn is None and tn > gen.mxu
+    if can_k and (not can_n or k_first(tk, tn)):
       tk = _down(tk // 2, gen.mxu)
-    elif tiling.tn is None and tn > gen.mxu:
+    elif can_n:
       tn = _down(tn // 2, gen.mxu)
-    elif tiling.tk is None and tk > gen.mxu:
-      tk = _down(tk // 2, gen.mxu)
     else:
       break
-  return tm, tk, tn, _vmem_limit(need(tk, tn), gen)
+  return tk, tn
 
 
 def _vmem_limit(need: int, gen: TpuGeneration) -> int:
