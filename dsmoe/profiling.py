@@ -1,6 +1,7 @@
 """Where the time of a compiled computation goes on XLA:CPU, per kind of op.
 
     breakdown = op_time_breakdown(compiled, run, reps=1)
+    slowest = top_ops(compiled, run, n=20)
 
 runs `run()` (which executes `compiled`) under ``jax.profiler.trace``, reads
 the XLA:CPU per-op events of the trace (jax.profiler.ProfileData; no
@@ -77,8 +78,9 @@ def op_kinds(hlo: str) -> dict[str, str | None]:
   return kinds
 
 
-def op_time_breakdown(compiled, run, reps: int = 1) -> dict[str, tuple[float, int]]:
-  """{kind: (milliseconds per run, ops per run)} of `run()` executing `compiled`."""
+def _op_times(compiled, run, reps: int):
+  """({instruction name: ms per run}, {name: events per run}, {name: kind})
+  of the ops of `compiled` seen while tracing `reps` calls of `run()`."""
   kinds = op_kinds(compiled.as_text())
   with tempfile.TemporaryDirectory() as folder:
     with jax.profiler.trace(folder):
@@ -90,8 +92,34 @@ def op_time_breakdown(compiled, run, reps: int = 1) -> dict[str, tuple[float, in
   for plane in data.planes:
     for line in plane.lines:
       for event in line.events:
-        kind = kinds.get(event.name)
-        if kind:
-          ms[kind] += event.duration_ns / 1e6 / reps
-          count[kind] += 1
-  return {k: (ms[k], count[k] // reps) for k in sorted(ms, key=ms.get, reverse=True)}
+        if kinds.get(event.name):
+          ms[event.name] += event.duration_ns / 1e6 / reps
+          count[event.name] += 1
+  return ms, {k: c // reps for k, c in count.items()}, kinds
+
+
+def op_time_breakdown(compiled, run, reps: int = 1) -> dict[str, tuple[float, int]]:
+  """{kind: (milliseconds per run, ops per run)} of `run()` executing `compiled`."""
+  ms, count, kinds = _op_times(compiled, run, reps)
+  by_kind, ops = collections.defaultdict(float), collections.defaultdict(int)
+  for name, t in ms.items():
+    by_kind[kinds[name]] += t
+    ops[kinds[name]] += count[name]
+  return {k: (by_kind[k], ops[k]) for k in sorted(by_kind, key=by_kind.get, reverse=True)}
+
+
+def result_types(hlo: str) -> dict[str, str]:
+  """HLO instruction name -> its result type, e.g. "f32[4096,512]{1,0}"."""
+  return {m.group(1): m.group(2) for m in
+          re.finditer(r"\n\s*(?:ROOT )?%([\w.\-]+) = (\([^)]*\)|\S+) ", hlo)}
+
+
+def top_ops(compiled, run, n: int = 20, reps: int = 1) -> list[dict]:
+  """The n instructions with the most op time per run of `run()`, largest
+  first: {"name", "kind", "ms", "calls", "type"} (calls: executions per
+  run, e.g. once per loop iteration)."""
+  ms, count, kinds = _op_times(compiled, run, reps)
+  types = result_types(compiled.as_text())
+  return [{"name": name, "kind": kinds[name], "ms": ms[name], "calls": count[name],
+           "type": types.get(name, "")}
+          for name in sorted(ms, key=ms.get, reverse=True)[:n]]

@@ -49,7 +49,7 @@ import resource
 import sys
 import time
 
-if "--profile" in sys.argv:  # XLA:CPU records per-op events only with this flag
+if any(a.startswith("--profile") for a in sys.argv):  # XLA:CPU records per-op events only with this flag
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_cpu_enable_xprof_traceme=true").strip()
 
@@ -169,8 +169,10 @@ def compile_case(fn, operands):
   return (lambda: compiled(*operands)), (temp / 2**20 if temp else float("nan")), compiled
 
 
-def print_profiles(runs: dict, compiled: dict) -> dict:
-  """--profile: op time per kind of op (dsmoe.profiling), one traced run per case."""
+def print_profiles(runs: dict, compiled: dict, top: int = 0) -> dict:
+  """--profile: op time per kind of op (dsmoe.profiling), one traced run per
+  case; `top` > 0: then the `top` slowest instructions of each case (one more
+  traced run)."""
   from dsmoe import profiling  # pylint: disable=g-import-not-at-top
   out = {}
   for name, run in runs.items():
@@ -181,6 +183,11 @@ def print_profiles(runs: dict, compiled: dict) -> dict:
     parts = "  ".join(f"{k} {ms:.1f} ({100 * ms / total:.0f}%, {n})"
                       for k, (ms, n) in kinds.items() if ms >= 0.005 * total)
     print(f"profile {name}: op time {total:.1f} ms = {parts}", flush=True)
+    if top:
+      out[name]["top_ops"] = profiling.top_ops(compiled[name], run, n=top)
+      for op in out[name]["top_ops"]:
+        print(f"    {op['ms']:8.2f} ms {op['calls']:5d} calls  {op['kind']:20s} "
+              f"{op['type'][:40]:40s} {op['name']}")
   return out
 
 
@@ -303,6 +310,9 @@ def parse_args(argv=None):
   p.add_argument("--profile", action="store_true",
                  help="also trace one run of each case and print its op time per kind "
                       "of op (matmul, gather, scatter-add, zeros, copy, ...; ms, %%, ops)")
+  p.add_argument("--profile-top", type=int, default=0, metavar="N",
+                 help="--profile, and list each case's N slowest HLO instructions "
+                      "(ms per run, executions, kind, result type)")
   p.add_argument("--model", default="",
                  help="comma-separated MoE configs (dsmoe.load names, e.g. "
                       "ablation:deepseekmoe): whole-model training next to the dense "
@@ -397,7 +407,8 @@ def main(argv=None):
     print(f"{name:26s} {med:9.1f} {low:9.1f} {ratio:8.2f} {med / ms['dense_ffn'][0]:8.2f} "
           f"{cpu_ratio:6.2f} {temp_mb[name]:9.1f}  {reps[name]}")
   print_goals(results)
-  profiles = print_profiles(runs, compiled) if args.profile else {}
+  profiles = (print_profiles(runs, compiled, args.profile_top)
+              if args.profile or args.profile_top else {})
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(
         {"shape": shape, "results": results, "profiles": profiles}, indent=1))

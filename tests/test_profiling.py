@@ -1,0 +1,46 @@
+"""dsmoe.profiling: the HLO instruction -> kind map and result types that the
+op-time tables of scripts/bench_moe.py --profile rest on (the traced timings
+themselves need an XLA flag set before jax starts: not tested here)."""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dsmoe import profiling
+
+
+def _compiled():
+  def f(x_td, w_df, idx_s):
+    rows = x_td[idx_s]  # gather
+    y = jnp.tanh(rows @ w_df)  # matmul, elementwise
+    acc = jnp.zeros((x_td.shape[0], w_df.shape[1]))  # zeros
+    acc = lax.fori_loop(0, 2, lambda i, a: a.at[idx_s].add(y * i), acc)  # loop, scatter-add
+    return acc, jnp.sort(idx_s)  # sort
+  args = (jnp.ones((64, 32)), jnp.ones((32, 16)), jnp.arange(48, dtype=jnp.int32) % 64)
+  return jax.jit(f).lower(*args).compile()
+
+
+def test_op_kinds_names_the_ops_each_kind_comes_from():
+  hlo = _compiled().as_text()
+  kinds = profiling.op_kinds(hlo)
+  found = {k for k in kinds.values() if k}
+  for kind in ("matmul", "gather", "scatter-add", "sort", "zeros"):
+    assert kind in found, (kind, sorted(found))
+  assert None in kinds.values()  # the while loop is a container, not an op
+  # every instruction named in the text gets a kind (or None)
+  names = [line.split(" = ")[0].split("%")[-1] for line in hlo.split("\n")
+           if " = " in line and "%" in line.split(" = ")[0]]
+  assert set(names) <= set(kinds)
+
+
+def test_result_types_are_the_instructions_shapes():
+  compiled = _compiled()
+  types = profiling.result_types(compiled.as_text())
+  kinds = profiling.op_kinds(compiled.as_text())
+  sorts = [n for n, k in kinds.items() if k == "sort"]
+  assert sorts and all(types[n].startswith("s32[48]") or types[n].startswith("(s32[48]")
+                       for n in sorts)
+  scatters = [n for n, k in kinds.items() if k == "scatter-add"]
+  assert scatters and all(types[n].startswith("f32[64,16]") for n in scatters)
+  tuples = [t for t in types.values() if t.startswith("(")]
+  assert all(t.endswith(")") for t in tuples)  # a tuple type is read whole
