@@ -222,6 +222,16 @@ def test_blocked_layout_blocks_hold_one_expert(cap):
   assert float(lay.dropped) == flat.size - kept.size
 
 
+@pytest.mark.parametrize("num_experts", [1, 7, 2**22])  # 2**22: keys too wide, stable argsort
+def test_sort_by_expert_is_a_stable_argsort(num_experts):
+  from dsmoe.dispatch import layout  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(num_experts)
+  ids = rng.integers(0, min(num_experts, 9), 1000).astype(np.int32)  # many ties
+  ids[::7] = num_experts - 1  # the largest id occurs
+  order = jax.jit(layout.sort_by_expert, static_argnums=1)(jnp.asarray(ids), num_experts)
+  np.testing.assert_array_equal(order, np.argsort(ids, kind="stable"))
+
+
 def test_auto_block_size():
   # loop: chunks of ~1.25x the mean rows per expert in <= 16 blocks of R rows
   assert dropless.auto_block_size(24576, 64, "loop") == 32  # 480 rows -> 15 blocks

@@ -80,9 +80,9 @@ def blocked_layout(idx_tk: jax.Array, num_experts: int, block: int, *, cap: int 
   t, k = idx_tk.shape
   expert_s = idx_tk.reshape(-1).astype(jnp.int32)  # [S]
   if cap:
-    order_s = priority_order(expert_s, weight_tk.reshape(-1), policy)
+    order_s = priority_order(expert_s, weight_tk.reshape(-1), policy, num_experts)
   else:
-    order_s = jnp.argsort(expert_s, stable=True)
+    order_s = sort_by_expert(expert_s, num_experts)
   rank_s, sizes_e = _rank_in_expert(expert_s, order_s, num_experts)
   count_e = jnp.minimum(sizes_e, cap) if cap else sizes_e
   blocks_e = (count_e + block - 1) // block  # [E]
@@ -100,13 +100,27 @@ def blocked_layout(idx_tk: jax.Array, num_experts: int, block: int, *, cap: int 
                 dropped, start_e, count_e)
 
 
-def priority_order(expert_s: jax.Array, weight_s: jax.Array, policy: str) -> jax.Array:
+def sort_by_expert(expert_s: jax.Array, num_experts: int) -> jax.Array:
+  """The stable argsort of expert ids in [0, num_experts).
+
+  One sort of unique int32 keys expert * S + position (about 5x faster on
+  XLA:CPU than a stable sort of (id, position) pairs) when they fit in 31
+  bits, else jnp.argsort(stable=True).
+  """
+  s = expert_s.shape[0]
+  if num_experts * s < 2**31:
+    return jnp.sort(expert_s * s + jnp.arange(s, dtype=jnp.int32)) % s
+  return jnp.argsort(expert_s, stable=True)
+
+
+def priority_order(expert_s: jax.Array, weight_s: jax.Array, policy: str,
+                   num_experts: int) -> jax.Array:
   """Pairs sorted by expert, then by priority: flat position, or gate weight."""
   if policy == "position":
-    return jnp.argsort(expert_s, stable=True)
+    return sort_by_expert(expert_s, num_experts)
   if policy == "score":
     by_weight = jnp.argsort(-weight_s, stable=True)  # highest gate first
-    return by_weight[jnp.argsort(expert_s[by_weight], stable=True)]
+    return by_weight[sort_by_expert(expert_s[by_weight], num_experts)]
   raise ValueError(f"config.model.moe.drop_policy={policy!r}: expected "
                    "'position' or 'score'")
 
@@ -126,7 +140,7 @@ def capacity_layout(idx_tk: jax.Array, weight_tk: jax.Array, num_experts: int,
   """
   t, k = idx_tk.shape
   expert_s = idx_tk.reshape(-1).astype(jnp.int32)  # [S]
-  order_s = priority_order(expert_s, weight_tk.reshape(-1), policy)
+  order_s = priority_order(expert_s, weight_tk.reshape(-1), policy, num_experts)
   rank_s, sizes_e = _rank_in_expert(expert_s, order_s, num_experts)
   kept_s = rank_s < cap
   num_rows = num_experts * cap
