@@ -102,9 +102,7 @@ def _fit_cols(t: int | None, dim: int) -> int:
 
 def tpu_gmm_tiles(tiling: Tiling, m: int, k: int, n: int, in_bytes: int, out_bytes: int):
   """(tm, tk, tn, vmem_limit_bytes) of the TPU gmm."""
-  gen = tpu_generation()
-  tm = _fit_rows(tiling.tm, m, gen.mxu)
-  tk, tn = _fit_cols(tiling.tk, k), _fit_cols(tiling.tn, n)
+  gen, tm, tk, tn = _first_tiles(tiling, m, k, n)
 
   def need(tk, tn):
     return 2 * (tm * tk + tk * tn) * in_bytes + 2 * tm * tn * out_bytes + 4 * tm * tn
@@ -117,9 +115,7 @@ def tpu_gmm_tiles(tiling: Tiling, m: int, k: int, n: int, in_bytes: int, out_byt
 
 def tpu_tgmm_tiles(tiling: Tiling, m: int, k: int, n: int, in_bytes: int, out_bytes: int):
   """(tm, tk, tn, vmem_limit_bytes) of the TPU tgmm."""
-  gen = tpu_generation()
-  tm = _fit_rows(tiling.tm, m, gen.mxu)
-  tk, tn = _fit_cols(tiling.tk, k), _fit_cols(tiling.tn, n)
+  gen, tm, tk, tn = _first_tiles(tiling, m, k, n)
 
   def need(tk, tn):
     return 2 * (tm * tk + tm * tn) * in_bytes + 2 * tk * tn * out_bytes + 4 * tk * tn
@@ -128,6 +124,12 @@ def tpu_tgmm_tiles(tiling: Tiling, m: int, k: int, n: int, in_bytes: int, out_by
     tk = _down(-(-k // 2) + gen.mxu - 1, gen.mxu)  # two row tiles of drhs, one per core
   tk, tn = _within_budget(tiling, gen, need, tk, tn, k_first=lambda tk, tn: tk >= tn)
   return tm, tk, tn, _vmem_limit(need(tk, tn), gen)
+
+
+def _first_tiles(tiling: Tiling, m: int, k: int, n: int):
+  """(generation, tm, tk, tn): the requested tiles fitted to the operands."""
+  gen = tpu_generation()
+  return gen, _fit_rows(tiling.tm, m, gen.mxu), _fit_cols(tiling.tk, k), _fit_cols(tiling.tn, n)
 
 
 def _within_budget(tiling: Tiling, gen: TpuGeneration, need, tk: int, tn: int, k_first):
