@@ -4,10 +4,12 @@ Measures, in one process, forward+backward time (jit, one warm-up run, median
 of reps; each rep right after a rep of dense_ffn, and the ratio to dense is
 the median of those paired ratios, which a shared machine's changing load
 hardly moves; "cpu x" is the same for the process's CPU time, user + system
-over all threads, which waiting for a busy core does not count) and peak
-temporary memory (XLA's
-compiled memory_analysis().temp_size_in_bytes: every intermediate, not the
-inputs and outputs) of:
+over all threads, which waiting for a busy core does not count), peak
+temporary memory (XLA's compiled memory_analysis().temp_size_in_bytes: every
+intermediate, not the inputs and outputs), and per run the median system
+time and "fresh MiB" (minor page faults x page size: memory the process
+touched for the first time since the OS handed it out, which every call pays
+for when its buffers come from and go back to the OS) of:
   dense_ffn             the model's SwiGLU FFN (dsmoe.model.layers.swiglu) of
                         hidden top_k * expert_hidden: the same activated FLOPs
                         as the MoE layer, the physical limit;
@@ -219,13 +221,18 @@ def print_goals(results: dict) -> None:
     print("goals: " + "; ".join(parts))
 
 
-def timed(run) -> tuple[float, float]:
-  """(wall ms, CPU ms of this process: user + system, all threads) of one run."""
+PAGE_MIB = resource.getpagesize() / 2**20
+
+
+def timed(run) -> tuple[float, float, float, float]:
+  """(wall ms, CPU ms of this process (user + system, all threads), system ms,
+  MiB of fresh pages: minor page faults x page size) of one run."""
   r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
   jax.block_until_ready(run())
   t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
   cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
-  return 1e3 * (t1 - t0), 1e3 * cpu
+  return (1e3 * (t1 - t0), 1e3 * cpu, 1e3 * (r1.ru_stime - r0.ru_stime),
+          (r1.ru_minflt - r0.ru_minflt) * PAGE_MIB)
 
 
 def measure_all(runs: dict, reps: dict, reference: str = "dense_ffn") -> dict:
@@ -234,25 +241,31 @@ def measure_all(runs: dict, reps: dict, reference: str = "dense_ffn") -> dict:
   In each round every case that still has reps left is timed right after a
   run of the reference, so a change in the load of a shared machine hits
   both alike. Returns name -> (median ms, min ms, median of the per-round
-  wall-time ratios case / reference, the same for CPU time).
+  wall-time ratios case / reference, the same for CPU time, median system
+  ms, median MiB of fresh pages).
   """
   for name, run in runs.items():
     if reps[name] > 1:
       jax.block_until_ready(run())
-  times = {name: [] for name in runs}
+  samples = {name: [] for name in runs}
   ratios = {name: [] for name in runs}
   for r in range(max(reps.values())):
     for name, run in runs.items():
       if r < reps[name]:
         t_ref = timed(runs[reference])
-        times[reference].append(t_ref[0])
+        samples[reference].append(t_ref)
         t = t_ref if name == reference else timed(run)
         if name != reference:
-          times[name].append(t[0])
+          samples[name].append(t)
         ratios[name].append((t[0] / t_ref[0], t[1] / t_ref[1]))
-  return {name: (float(np.median(times[name])), float(np.min(times[name])),
+  out = {}
+  for name in runs:
+    wall, _, sys_ms, fresh = (np.asarray(col) for col in zip(*samples[name]))
+    out[name] = (float(np.median(wall)), float(np.min(wall)),
                  float(np.median([w for w, _ in ratios[name]])),
-                 float(np.median([c for _, c in ratios[name]]))) for name in runs}
+                 float(np.median([c for _, c in ratios[name]])),
+                 float(np.median(sys_ms)), float(np.median(fresh)))
+  return out
 
 
 def cases(args):
@@ -397,15 +410,15 @@ def main(argv=None):
   ms = measure_all(runs, reps)
   results = {}
   print(f"{'case':26s} {'ms':>9s} {'min ms':>9s} {'x dense':>8s} {'ms/dense':>8s} "
-        f"{'cpu x':>6s} {'temp MiB':>9s}  reps")
+        f"{'cpu x':>6s} {'temp MiB':>9s} {'sys ms':>7s} {'fresh MiB':>9s}  reps")
   for name in runs:
-    med, low, ratio, cpu_ratio = ms[name]
+    med, low, ratio, cpu_ratio, sys_ms, fresh = ms[name]
     results[name] = {"ms": med, "min_ms": low, "ratio_to_dense": ratio,
                      "ms_over_dense_ms": med / ms["dense_ffn"][0],
                      "cpu_ratio_to_dense": cpu_ratio, "peak_mb": temp_mb[name],
-                     "reps": reps[name]}
+                     "system_ms": sys_ms, "fresh_page_mib": fresh, "reps": reps[name]}
     print(f"{name:26s} {med:9.1f} {low:9.1f} {ratio:8.2f} {med / ms['dense_ffn'][0]:8.2f} "
-          f"{cpu_ratio:6.2f} {temp_mb[name]:9.1f}  {reps[name]}")
+          f"{cpu_ratio:6.2f} {temp_mb[name]:9.1f} {sys_ms:7.1f} {fresh:9.1f}  {reps[name]}")
   print_goals(results)
   profiles = (print_profiles(runs, compiled, args.profile_top)
               if args.profile or args.profile_top else {})
