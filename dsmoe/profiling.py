@@ -1,7 +1,8 @@
 """Where the time of a compiled computation goes on XLA:CPU, per kind of op.
 
-    breakdown = op_time_breakdown(compiled, run, reps=1)
-    slowest = top_ops(compiled, run, n=20)
+    times = op_times(compiled, run, reps=1)
+    by_kind = breakdown(times)        # {kind: (ms per run, ops per run)}
+    top = slowest(times, n=20)        # the 20 slowest instructions
 
 runs `run()` (which executes `compiled`) under ``jax.profiler.trace``, reads
 the XLA:CPU per-op events of the trace (jax.profiler.ProfileData; no
@@ -78,10 +79,11 @@ def op_kinds(hlo: str) -> dict[str, str | None]:
   return kinds
 
 
-def _op_times(compiled, run, reps: int):
-  """({instruction name: ms per run}, {name: events per run}, {name: kind})
+def op_times(compiled, run, reps: int = 1) -> dict[str, dict]:
+  """{instruction name: {"kind", "ms" (per run), "calls" (per run), "type"}}
   of the ops of `compiled` seen while tracing `reps` calls of `run()`."""
-  kinds = op_kinds(compiled.as_text())
+  hlo = compiled.as_text()
+  kinds, types = op_kinds(hlo), result_types(hlo)
   with tempfile.TemporaryDirectory() as folder:
     with jax.profiler.trace(folder):
       for _ in range(reps):
@@ -95,31 +97,27 @@ def _op_times(compiled, run, reps: int):
         if kinds.get(event.name):
           ms[event.name] += event.duration_ns / 1e6 / reps
           count[event.name] += 1
-  return ms, {k: c // reps for k, c in count.items()}, kinds
+  return {name: {"kind": kinds[name], "ms": ms[name], "calls": count[name] // reps,
+                 "type": types.get(name, "")} for name in ms}
 
 
-def op_time_breakdown(compiled, run, reps: int = 1) -> dict[str, tuple[float, int]]:
-  """{kind: (milliseconds per run, ops per run)} of `run()` executing `compiled`."""
-  ms, count, kinds = _op_times(compiled, run, reps)
+def breakdown(times: dict[str, dict]) -> dict[str, tuple[float, int]]:
+  """{kind: (milliseconds per run, ops per run)} from :func:`op_times`, largest first."""
   by_kind, ops = collections.defaultdict(float), collections.defaultdict(int)
-  for name, t in ms.items():
-    by_kind[kinds[name]] += t
-    ops[kinds[name]] += count[name]
+  for op in times.values():
+    by_kind[op["kind"]] += op["ms"]
+    ops[op["kind"]] += op["calls"]
   return {k: (by_kind[k], ops[k]) for k in sorted(by_kind, key=by_kind.get, reverse=True)}
+
+
+def slowest(times: dict[str, dict], n: int = 20) -> list[dict]:
+  """The n instructions of :func:`op_times` with the most time per run,
+  largest first, each with its "name"."""
+  names = sorted(times, key=lambda name: times[name]["ms"], reverse=True)[:n]
+  return [{"name": name, **times[name]} for name in names]
 
 
 def result_types(hlo: str) -> dict[str, str]:
   """HLO instruction name -> its result type, e.g. "f32[4096,512]{1,0}"."""
   return {m.group(1): m.group(2) for m in
           re.finditer(r"\n\s*(?:ROOT )?%([\w.\-]+) = (\([^)]*\)|\S+) ", hlo)}
-
-
-def top_ops(compiled, run, n: int = 20, reps: int = 1) -> list[dict]:
-  """The n instructions with the most op time per run of `run()`, largest
-  first: {"name", "kind", "ms", "calls", "type"} (calls: executions per
-  run, e.g. once per loop iteration)."""
-  ms, count, kinds = _op_times(compiled, run, reps)
-  types = result_types(compiled.as_text())
-  return [{"name": name, "kind": kinds[name], "ms": ms[name], "calls": count[name],
-           "type": types.get(name, "")}
-          for name in sorted(ms, key=ms.get, reverse=True)[:n]]

@@ -173,20 +173,20 @@ def compile_case(fn, operands):
 
 def print_profiles(runs: dict, compiled: dict, top: int = 0) -> dict:
   """--profile: op time per kind of op (dsmoe.profiling), one traced run per
-  case; `top` > 0: then the `top` slowest instructions of each case (one more
-  traced run)."""
+  case; `top` > 0: also the `top` slowest instructions of that run."""
   from dsmoe import profiling  # pylint: disable=g-import-not-at-top
   out = {}
   for name, run in runs.items():
     jax.block_until_ready(run())
-    kinds = profiling.op_time_breakdown(compiled[name], run)
+    times = profiling.op_times(compiled[name], run)
+    kinds = profiling.breakdown(times)
     total = sum(ms for ms, _ in kinds.values())
     out[name] = {k: {"ms": ms, "ops": n} for k, (ms, n) in kinds.items()}
     parts = "  ".join(f"{k} {ms:.1f} ({100 * ms / total:.0f}%, {n})"
                       for k, (ms, n) in kinds.items() if ms >= 0.005 * total)
     print(f"profile {name}: op time {total:.1f} ms = {parts}", flush=True)
     if top:
-      out[name]["top_ops"] = profiling.top_ops(compiled[name], run, n=top)
+      out[name]["top_ops"] = profiling.slowest(times, top)
       for op in out[name]["top_ops"]:
         print(f"    {op['ms']:8.2f} ms {op['calls']:5d} calls  {op['kind']:20s} "
               f"{op['type'][:40]:40s} {op['name']}")

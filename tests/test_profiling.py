@@ -43,4 +43,13 @@ def test_result_types_are_the_instructions_shapes():
   scatters = [n for n, k in kinds.items() if k == "scatter-add"]
   assert scatters and all(types[n].startswith("f32[64,16]") for n in scatters)
   tuples = [t for t in types.values() if t.startswith("(")]
-  assert all(t.endswith(")") for t in tuples)  # a tuple type is read whole
+  assert tuples and all(t.endswith(")") for t in tuples)  # the loop's carry: read whole
+
+
+def test_breakdown_and_slowest_sum_and_order_the_instructions():
+  times = {"a": {"kind": "matmul", "ms": 3.0, "calls": 2, "type": "f32[2]"},
+           "b": {"kind": "zeros", "ms": 5.0, "calls": 1, "type": "f32[9]"},
+           "c": {"kind": "matmul", "ms": 1.5, "calls": 4, "type": "f32[3]"}}
+  assert profiling.breakdown(times) == {"matmul": (4.5, 6), "zeros": (5.0, 1)}
+  assert list(profiling.breakdown(times)) == ["zeros", "matmul"]  # largest first
+  assert [op["name"] for op in profiling.slowest(times, 2)] == ["b", "a"]

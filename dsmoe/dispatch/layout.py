@@ -103,9 +103,9 @@ def blocked_layout(idx_tk: jax.Array, num_experts: int, block: int, *, cap: int 
 def sort_by_expert(expert_s: jax.Array, num_experts: int) -> jax.Array:
   """The stable argsort of expert ids in [0, num_experts).
 
-  One sort of unique int32 keys expert * S + position (about 5x faster on
-  XLA:CPU than a stable sort of (id, position) pairs) when they fit in 31
-  bits, else jnp.argsort(stable=True).
+  One sort of unique int32 keys expert * S + position (one array to sort
+  instead of a stable sort of (id, position) pairs; several times faster on
+  XLA:CPU) when they fit in 31 bits, else jnp.argsort(stable=True).
   """
   s = expert_s.shape[0]
   if num_experts * s < 2**31:
