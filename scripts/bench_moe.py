@@ -61,7 +61,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from dsmoe import dispatch  # noqa: E402  (needs neither ml_collections nor data)
-from dsmoe.dispatch import capacity, dropless  # noqa: E402
+from dsmoe.dispatch import capacity, dropless, expert_loop  # noqa: E402
 from dsmoe.model import layers  # noqa: E402  (flax; no ml_collections)
 
 
@@ -268,6 +268,19 @@ def measure_all(runs: dict, reps: dict, reference: str = "dense_ffn") -> dict:
   return out
 
 
+def _loop_gate_up(layer, fuse_max_hidden: int):
+  """`layer` traced with expert_loop's fuse threshold set (its backward
+  follows the forward's choice, so only the forward's trace needs it)."""
+  def run(*operands):
+    saved = expert_loop.FUSE_GATE_UP_MAX_HIDDEN
+    expert_loop.FUSE_GATE_UP_MAX_HIDDEN = fuse_max_hidden
+    try:
+      return layer(*operands)
+    finally:
+      expert_loop.FUSE_GATE_UP_MAX_HIDDEN = saved
+  return run
+
+
 def cases(args):
   """name -> (layer(x, idx, weight, params), which params, reps)."""
   fast, slow = args.reps, args.slow_reps
@@ -292,6 +305,10 @@ def cases(args):
                               "moe", slow + 2),  # ~20x dense: a few reps are affordable
       "naive_ragged_dot": (naive_ragged_dot, "moe", slow),
   }
+  if args.loop_gate_up_both:  # the CPU loop with gate/up fused and split, whatever the hidden
+    for name, fuse_max in (("fused", 1 << 30), ("split", 0)):
+      table[f"dropless_blocked_{name}"] = (_loop_gate_up(drop(strategy="loop"), fuse_max),
+                                           "moe", fast)
   if args.other_strategy:  # the blocked strategy this platform does not use
     other = "batched" if dropless.resolve_strategy("auto") == "loop" else "loop"
     table[f"dropless_blocked_{other}"] = (drop(strategy=other), "moe", fast)
@@ -316,6 +333,9 @@ def parse_args(argv=None):
   p.add_argument("--other-strategy", action="store_true",
                  help="also time the blocked strategy this platform does not use by "
                       "default ('batched' on CPU, 'loop' elsewhere)")
+  p.add_argument("--loop-gate-up-both", action="store_true",
+                 help="add the CPU loop with gate/up as one fused matmul and as two "
+                      "(dropless_blocked_fused, dropless_blocked_split)")
   p.add_argument("--forward-only", action="store_true", help="time the forward pass only")
   p.add_argument("--only", default="", help="comma-separated subset of case names")
   p.add_argument("--seed", type=int, default=0)

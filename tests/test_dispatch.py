@@ -177,8 +177,11 @@ def test_block_size_reaches_the_layout(block_size):
   assert f"f32[{g},{block_size},{D}]" in jaxpr
 
 
-@pytest.mark.parametrize("impl", ["dropless", "capacity"])
-def test_bfloat16_close_to_float32_reference(impl):
+@pytest.mark.parametrize("impl,fuse_max_hidden", [("dropless", 256), ("capacity", 256),
+                                                  ("dropless", 0)])
+def test_bfloat16_close_to_float32_reference(impl, fuse_max_hidden, monkeypatch):
+  from dsmoe.dispatch import expert_loop  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(expert_loop, "FUSE_GATE_UP_MAX_HIDDEN", fuse_max_hidden)
   x, idx, weight, experts = make_case(5, 40, 8, 2)
   ref, ref_grads = value_and_grads(dense.dispatch, x, idx, weight, experts)
   settings = dict(factor=8.0) if impl == "capacity" else dict(backend="blocked", block_size=16)
@@ -250,12 +253,15 @@ def test_loop_chunk_sizes():
   assert dropless.loop_chunk_sizes(64, 10) == (64,)
 
 
-@pytest.mark.parametrize("block,chunk_rows", [(2, 4), (4, 64), (8, 8)])
-def test_expert_loop_chunks_match_dense(block, chunk_rows):
+@pytest.mark.parametrize("block,chunk_rows,fuse_max_hidden",
+                         [(2, 4, 256), (4, 64, 256), (8, 8, 256), (2, 4, 0), (4, 64, 0)])
+def test_expert_loop_chunks_match_dense(block, chunk_rows, fuse_max_hidden, monkeypatch):
   """Experts with no rows, with fewer rows than one chunk and with several
   chunks' worth (the first chunk's padded writes are overwritten by later
-  chunks) all match the dense reference, values and gradients."""
+  chunks) all match the dense reference, values and gradients; with gate
+  and up as one fused matmul and as two (fuse_max_hidden 0: hidden above it)."""
   from dsmoe.dispatch import expert_loop, layout  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(expert_loop, "FUSE_GATE_UP_MAX_HIDDEN", fuse_max_hidden)
   t, e, k = 30, 6, 2
   rng = np.random.default_rng(11)
   # expert 0 takes every token (30 rows), experts 4 and 5 none.

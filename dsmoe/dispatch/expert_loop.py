@@ -9,8 +9,9 @@ start_e[e] .. start_e[e] + rows_e[e] - 1 (a multiple of the block size R,
 padding rows included); token_p and weight_p [P] give each row's token and
 gate (0 for padding and dropped rows).
 
-A loop over the experts slices expert e's weights once ([D, 2F]: gate and
-up side by side, and [F, D]) and runs its rows as few, large chunks
+A loop over the experts slices expert e's weights once (gate and up side by
+side as one [D, 2F] matrix up to hidden FUSE_GATE_UP_MAX_HIDDEN, two [D, F]
+above it; down [F, D]) and runs its rows as few, large chunks
 (`sizes` = R, 2R, ..., L): one chunk of `first` rows, first in [R, L], then
 (rows - first) / L chunks of L rows. An expert with at most L rows (the
 usual case: L is chosen above the mean rows per expert) is ONE chunk, so
@@ -23,18 +24,19 @@ switch (XLA copies a buffer that a conditional branch updates in place).
 Per chunk of n rows:
 
   1. gather its n token rows from x_td (they stay in cache);
-  2. SwiGLU with the expert's weights read in place: [n, D] x [D, 2F], then
-     (gate * silu(g) * u) [n, F] x [F, D];
+  2. SwiGLU with the expert's weights: [n, D] x [D, 2F] (or two [D, F]),
+     then (gate * silu(g) * u) [n, F] x [F, D];
   3. scatter-add the output rows into y_td (in place; the zero rows of a
      padded chunk add 0 to whichever tokens follow it).
 
-Only x_td, y_td and the [P, 2F] activations move through memory; on a
+Only x_td, y_td and the gate/up activations [P, 2F] move through memory; on a
 bandwidth-bound CPU that is most of the cost of a dispatch. The backward
 (custom_vjp) is a second loop of the same shape: per chunk it gathers dy
-rows, computes dx rows (one [n, 2F] x [2F, D] matmul; scatter-added into
-dx_td), the gate gradients <SwiGLU(x), dy> and the expert's weight
-gradients (float32; summed over chunks, written once per expert). The
-forward saves only the gate/up activations gu [P, 2F].
+rows, computes dx rows ([n, 2F] x [2F, D], or two [n, F] x [F, D];
+scatter-added into dx_td), the gate gradients <SwiGLU(x), dy> and the
+expert's weight gradients (float32; summed over chunks, written once per
+expert). The forward saves only the gate/up activations ([P, 2F], or two
+[P, F]).
 
 Padded writes of a first chunk (gu rows, gate-gradient rows) land on rows
 of later chunks or experts, which overwrite them afterwards: both loops
@@ -45,12 +47,13 @@ end so no write is ever clipped.
 from __future__ import annotations
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsmoe.dispatch.common import ExpertWeights, gate_per_row
+from dsmoe.dispatch.common import FUSE_GATE_UP_MAX_HIDDEN, ExpertWeights, gate_per_row
 
 
 def _at(a, i):
@@ -79,12 +82,28 @@ def _pad_rows(a, n):
   return jnp.pad(a, [(0, n - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
 
 
-def _weights(w: ExpertWeights, e, dtype):
-  """Expert e's gate and up projections side by side [D, 2F], and down [F, D],
+def _weights(w: ExpertWeights, e, dtype, fused: bool):
+  """Expert e's input projections (:func:`_parts`) and down projection [F, D],
   in the compute dtype (the loop takes the weights in their own dtype, so
   their gradients are float32 sums, written without a rounding step)."""
-  return (jnp.concatenate([_at(w.w_gate_edf, e), _at(w.w_up_edf, e)], axis=1).astype(dtype),
+  return (_parts(_at(w.w_gate_edf, e).astype(dtype), _at(w.w_up_edf, e).astype(dtype), fused),
           _at(w.w_down_efd, e).astype(dtype))
+
+
+def _parts(g, u, fused: bool):
+  """Gate and up halves as the loop computes with them: one array, side by
+  side (one [D, 2F] matmul: `fused`, up to hidden FUSE_GATE_UP_MAX_HIDDEN),
+  or the two (two [D, F] matmuls: no per-expert copy of the weights, the
+  activations or their gradients)."""
+  return (jnp.concatenate([g, u], axis=-1),) if fused else (g, u)
+
+
+def _halves(parts):
+  """(gate, up) of :func:`_parts` output (columns of the fused array)."""
+  if len(parts) == 2:
+    return parts
+  f = parts[0].shape[-1] // 2
+  return parts[0][..., :f], parts[0][..., f:]
 
 
 def _stored(dtype):
@@ -116,33 +135,42 @@ def _first_chunk(chunk_fn, sizes, first, zeros, *operands):
 
 
 def _swiglu_rows(n, tok_r, gate_r, w_e, x_td):
-  """Rows [:n]: (gate * SwiGLU(x) [n, D] float32, gu [n, 2F])."""
-  dt, f = x_td.dtype, w_e[1].shape[0]
+  """Rows [:n]: (gate * SwiGLU(x) [n, D] float32, the gate/up parts to save)."""
+  dt = x_td.dtype
   x_rd = x_td.at[tok_r[:n]].get(mode="promise_in_bounds")  # [n,D]
-  gu_rf = _mm(x_rd, w_e[0]).astype(dt)  # [n,2F]
-  a_rf = jax.nn.silu(gu_rf[:, :f]) * gu_rf[:, f:] * gate_r[:n, None].astype(dt)
-  return _mm(a_rf, w_e[1]), _store(gu_rf)
+  parts = tuple(_mm(x_rd, w).astype(dt) for w in w_e[0])  # [n,2F] or 2 x [n,F]
+  g_rf, u_rf = _halves(parts)
+  a_rf = jax.nn.silu(g_rf) * u_rf * gate_r[:n, None].astype(dt)
+  return _mm(a_rf, w_e[1]), tuple(_store(p) for p in parts)
+
+
+def _saved(w: ExpertWeights, rows: int, dtype, fused: bool):
+  """Zero buffers for the saved gate/up parts: [rows, 2F], or two [rows, F]."""
+  f = w.w_gate_edf.shape[-1]
+  widths = (2 * f,) if fused else (f, f)
+  return tuple(jnp.zeros((rows, width), _stored(dtype)) for width in widths)
 
 
 def _forward(x_td, weight_p, w: ExpertWeights, token_p, start_e, rows_e, sizes):
   """For each expert, each of its chunks: y_td[tok] += gate * SwiGLU_e(x_td[tok])."""
   (t, d), num_rows, big = x_td.shape, token_p.shape[0], sizes[-1]
-  (num_experts, _, f), dt = w.w_gate_edf.shape, x_td.dtype
+  num_experts, dt = w.w_gate_edf.shape[0], x_td.dtype
+  fused = w.w_gate_edf.shape[-1] <= FUSE_GATE_UP_MAX_HIDDEN
   token_p, weight_p = _pad_rows(token_p, num_rows + big), _pad_rows(weight_p, num_rows + big)
 
   def padded(n, tok_r, gate_r, w_e):
-    y_rd, gu_rf = _swiglu_rows(n, tok_r, gate_r, w_e, x_td)
-    return _pad_rows(y_rd, big), _pad_rows(gu_rf, big)
+    y_rd, parts = _swiglu_rows(n, tok_r, gate_r, w_e, x_td)
+    return _pad_rows(y_rd, big), tuple(_pad_rows(p, big) for p in parts)
 
   def chunk(p0, outputs, carry):
-    y_td, gu_pf = carry
-    y_rd, gu_rf = outputs
-    return y_td.at[_rows(token_p, p0, big)].add(y_rd, mode="promise_in_bounds"), _write(
-        gu_pf, gu_rf, p0)
+    y_td, saved = carry
+    y_rd, parts = outputs
+    return (y_td.at[_rows(token_p, p0, big)].add(y_rd, mode="promise_in_bounds"),
+            tuple(_write(buf, p, p0) for buf, p in zip(saved, parts)))
 
   def expert_body(e, carry):
-    w_e, start, (first, full) = _weights(w, e, dt), start_e[e], _split(rows_e[e], big)
-    zeros = (jnp.zeros((big, d), jnp.float32), jnp.zeros((big, 2 * f), _stored(dt)))
+    w_e, start, (first, full) = _weights(w, e, dt, fused), start_e[e], _split(rows_e[e], big)
+    zeros = (jnp.zeros((big, d), jnp.float32), _saved(w, big, dt, fused))
     out = _first_chunk(padded, sizes, first, zeros, _rows(token_p, start, big),
                        _rows(weight_p, start, big), w_e)
     carry = chunk(start, out, carry)
@@ -154,7 +182,7 @@ def _forward(x_td, weight_p, w: ExpertWeights, token_p, start_e, rows_e, sizes):
 
     return lax.fori_loop(0, full, full_chunk, carry)
 
-  init = (jnp.zeros((t, d), jnp.float32), jnp.zeros((num_rows + big, 2 * f), _stored(dt)))
+  init = (jnp.zeros((t, d), jnp.float32), _saved(w, num_rows + big, dt, fused))
   return lax.fori_loop(0, num_experts, expert_body, init)
 
 
@@ -172,19 +200,19 @@ def expert_loop(x_td, weight_p, w: ExpertWeights, token_p, start_e, rows_e, size
 
 
 def _fwd(x_td, weight_p, w, token_p, start_e, rows_e, sizes):
-  y_td, gu_pf = _forward(x_td, weight_p, w, token_p, start_e, rows_e, sizes)
-  return y_td.astype(x_td.dtype), (x_td, weight_p, w, token_p, start_e, rows_e, gu_pf)
+  y_td, saved = _forward(x_td, weight_p, w, token_p, start_e, rows_e, sizes)
+  return y_td.astype(x_td.dtype), (x_td, weight_p, w, token_p, start_e, rows_e, saved)
 
 
-def _grad_rows(n, tok_r, gate_r, gu_rf, w_e, x_td, dy_td):
-  """Backward of rows [:n]: dx [n, D], dgate [n], expert dW [D, 2F] and [F, D]."""
-  w_gu_df, w_d_fd = w_e
-  dt, f32, f = x_td.dtype, jnp.float32, w_d_fd.shape[0]
+def _grad_rows(n, tok_r, gate_r, saved_r, w_e, x_td, dy_td):
+  """Backward of rows [:n]: dx [n, D], dgate [n], the expert's weight
+  gradients (of its input parts: [D, 2F] or 2 x [D, F]; and [F, D])."""
+  w_in, w_d_fd = w_e
+  dt, f32 = x_td.dtype, jnp.float32
   tok_r, gate_r = tok_r[:n], gate_r[:n, None]
   x_rd = x_td.at[tok_r].get(mode="promise_in_bounds")  # [n,D]
   dy_rd = dy_td.at[tok_r].get(mode="promise_in_bounds")  # [n,D]
-  gu_rf = _load(gu_rf[:n], dt).astype(f32)
-  g_rf, u_rf = gu_rf[:, :f], gu_rf[:, f:]
+  g_rf, u_rf = _halves(tuple(_load(p[:n], dt).astype(f32) for p in saved_r))
   sig_rf = jax.nn.sigmoid(g_rf)
   silu_rf = g_rf * sig_rf
   a_rf = silu_rf * u_rf
@@ -192,28 +220,29 @@ def _grad_rows(n, tok_r, gate_r, gu_rf, w_e, x_td, dy_td):
   dgate_r = jnp.sum(a_rf * da_rf, axis=-1)  # [n]
   da_rf = da_rf * gate_r
   dg_rf = da_rf * u_rf * sig_rf * (1 + g_rf * (1 - sig_rf))
-  dgu_rf = jnp.concatenate([dg_rf, da_rf * silu_rf], axis=1).astype(dt)  # [n,2F]
-  dx_rd = _mm(dgu_rf, w_gu_df, ((1,), (1,)))  # [n,D]
-  dw_gu = _mm(x_rd, dgu_rf, ((0,), (0,)))  # [D,2F]
+  dparts = tuple(p.astype(dt) for p in _parts(dg_rf, da_rf * silu_rf, len(w_in) == 1))  # [n,2F] or 2 x [n,F]
+  dx_rd = functools.reduce(operator.add, (_mm(dp, w, ((1,), (1,))) for dp, w in zip(dparts, w_in)))  # [n,D]
+  dw_in = tuple(_mm(x_rd, dp, ((0,), (0,))) for dp in dparts)  # [D,2F] or 2 x [D,F]
   dw_d = _mm((a_rf * gate_r).astype(dt), dy_rd, ((0,), (0,)))  # [F,D]
-  return dx_rd, dgate_r, dw_gu, dw_d
+  return dx_rd, dgate_r, dw_in, dw_d
 
 
 def _bwd(sizes, res, dy_td):
   """Per expert (weights sliced once), per chunk: see _grad_rows."""
-  x_td, weight_p, w, token_p, start_e, rows_e, gu_pf = res
+  x_td, weight_p, w, token_p, start_e, rows_e, saved = res
   dt, f32, big = x_td.dtype, jnp.float32, sizes[-1]
   num_experts, d, f = w.w_gate_edf.shape
-  num_rows = token_p.shape[0]
+  num_rows, fused = token_p.shape[0], len(saved) == 1  # as the forward chose
   token_p, weight_p = _pad_rows(token_p, num_rows + big), _pad_rows(weight_p, num_rows + big)
   grad_rows = functools.partial(_grad_rows, x_td=x_td, dy_td=dy_td.astype(dt))
 
   def padded(n, *operands):
-    dx_rd, dgate_r, dw_gu, dw_d = grad_rows(n, *operands)
-    return _pad_rows(dx_rd, big), _pad_rows(dgate_r, big), dw_gu, dw_d
+    dx_rd, dgate_r, dw_in, dw_d = grad_rows(n, *operands)
+    return _pad_rows(dx_rd, big), _pad_rows(dgate_r, big), dw_in, dw_d
 
   def rows_at(p0):
-    return _rows(token_p, p0, big), _rows(weight_p, p0, big), _rows(gu_pf, p0, big)
+    return (_rows(token_p, p0, big), _rows(weight_p, p0, big),
+            tuple(_rows(buf, p0, big) for buf in saved))
 
   def chunk(p0, dx_rd, dgate_r, carry):
     dx_td, dgate_p = carry
@@ -222,20 +251,21 @@ def _bwd(sizes, res, dy_td):
 
   def expert_body(e, carry):
     dx_td, dgate_p, dwg, dwu, dwd = carry
-    w_e, start, (first, full) = _weights(w, e, dt), start_e[e], _split(rows_e[e], big)
-    zeros = (jnp.zeros((big, d), f32), jnp.zeros((big,), f32), jnp.zeros((d, 2 * f), f32),
-             jnp.zeros((f, d), f32))
-    dx_rd, dgate_r, dw_gu, dw_d = _first_chunk(padded, sizes, first, zeros, *rows_at(start), w_e)
-    acc = (*chunk(start, dx_rd, dgate_r, (dx_td, dgate_p)), dw_gu, dw_d)
+    w_e, start, (first, full) = _weights(w, e, dt, fused), start_e[e], _split(rows_e[e], big)
+    zeros = (jnp.zeros((big, d), f32), jnp.zeros((big,), f32),
+             tuple(jnp.zeros(p.shape, f32) for p in w_e[0]), jnp.zeros((f, d), f32))
+    dx_rd, dgate_r, dw_in, dw_d = _first_chunk(padded, sizes, first, zeros, *rows_at(start), w_e)
+    acc = (*chunk(start, dx_rd, dgate_r, (dx_td, dgate_p)), dw_in, dw_d)
 
     def full_chunk(i, acc):
       p0 = start + first + i * big
-      dx_rd, dgate_r, dw_gu, dw_d = grad_rows(big, *rows_at(p0), w_e)
-      return (*chunk(p0, dx_rd, dgate_r, acc[:2]), acc[2] + dw_gu, acc[3] + dw_d)
+      dx_rd, dgate_r, dw_in, dw_d = grad_rows(big, *rows_at(p0), w_e)
+      return (*chunk(p0, dx_rd, dgate_r, acc[:2]),
+              tuple(a + b for a, b in zip(acc[2], dw_in)), acc[3] + dw_d)
 
-    dx_td, dgate_p, dw_gu, dw_d = lax.fori_loop(0, full, full_chunk, acc)
-    return (dx_td, dgate_p, _put(dwg, dw_gu[:, :f], e), _put(dwu, dw_gu[:, f:], e),
-            _put(dwd, dw_d, e))
+    dx_td, dgate_p, dw_in, dw_d = lax.fori_loop(0, full, full_chunk, acc)
+    dw_g, dw_u = _halves(dw_in)
+    return dx_td, dgate_p, _put(dwg, dw_g, e), _put(dwu, dw_u, e), _put(dwd, dw_d, e)
 
   init = (jnp.zeros(x_td.shape, f32), jnp.zeros((num_rows + big,), f32),
           jnp.zeros(w.w_gate_edf.shape, w.w_gate_edf.dtype),

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsmoe.dispatch.common import FUSE_GATE_UP_MAX_HIDDEN
+
 
 def normal_init(std: float):
   return jax.nn.initializers.normal(stddev=std)
@@ -26,13 +28,7 @@ class RMSNorm(nnx.Module):
     return (x32 * inv).astype(x_btd.dtype) * self.scale_d[...].astype(x_btd.dtype)
 
 
-# Up to this hidden size the gate and up projections run as one matmul on
-# their weights concatenated per call ([D, 2F]; the parameters stay
-# separate): fewer, larger ops, ~5-15% faster forward+backward on CPU at
-# hidden 88-256. Above it, two matmuls are as fast or faster (the
-# concatenated [.., 2F] gradient costs a copy of the activations), measured
-# on AVX-512 CPUs (docs/BENCHMARKS.md, M12).
-FUSE_GATE_UP_MAX_HIDDEN = 256
+# FUSE_GATE_UP_MAX_HIDDEN (dispatch/common.py): one [D, 2F] matmul for gate and up.
 
 
 def _dot(x, w, dtype):
