@@ -1,4 +1,4 @@
-"""Two facts about XLA:CPU that the M12 analysis (docs/BENCHMARKS.md) rests on.
+"""Three facts about XLA:CPU that the M12 analysis (docs/BENCHMARKS.md) rests on.
 
     python scripts/bench_xla_cpu_facts.py
 
@@ -8,7 +8,11 @@
 2. Two independent fori_loops (each gathering, transforming and
    scatter-adding rows) take as long as one loop over both halves' work plus
    a sum: XLA:CPU does not run them concurrently.
-Times are the best of 20 (1.) or 10 (2.) calls after a compile call.
+3. In a loop over 128 experts, the backward's dx matmul [384, 256] x [512, 256]^T
+   (the weight as stored, contracted on its last dim) against the same
+   product with each weight transposed beforehand ([256, 512], plain
+   matmul): whether the transposed operand itself is slow.
+Times are the best of 20 (1.) or 10 (2., 3.) calls after a compile call.
 """
 
 import time
@@ -55,7 +59,26 @@ def two_loops():
         f"two independent loops over halves (+ sum): {best_ms(two, reps=10):6.2f} ms")
 
 
+def transposed_operand():
+  experts, rows, d, f2 = 128, 384, 512, 256
+  key = jax.random.key(1)
+  w_edf = jax.random.normal(key, (experts, d, f2))
+  w_efd = jnp.swapaxes(w_edf, 1, 2).copy()  # each expert's weight transposed, stored
+  a_rf = jax.random.normal(key, (rows, f2))
+
+  def loop(w, contract):
+    def body(e, acc):
+      w_e = lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
+      return acc + lax.dot_general(a_rf * (e + 1.0), w_e, (((1,), (contract,)), ((), ())))
+    return lax.fori_loop(0, experts, body, jnp.zeros((rows, d)))
+  nt = jax.jit(lambda w: loop(w, 1))
+  nn = jax.jit(lambda w: loop(w, 0))
+  print(f"{experts} x [{rows},{f2}] x [{d},{f2}]^T: {best_ms(nt, w_edf, reps=10):6.2f} ms; "
+        f"the same with [{f2},{d}] weights: {best_ms(nn, w_efd, reps=10):6.2f} ms")
+
+
 if __name__ == "__main__":
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
   zero_fill()
   two_loops()
+  transposed_operand()
