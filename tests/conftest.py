@@ -1,12 +1,25 @@
 """Shared test helpers: the shipped configs and one small-config builder."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
-import pytest
+# One persistent XLA compilation cache for the whole test session, shared with
+# the scripts the tests start (they inherit the variable): many tests train
+# the same small model in a fresh process, and each would otherwise compile
+# the same step again (~17% of tests/test_train_process.py + test_errors.py).
+# Set before jax is imported; removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="dsmoe-test-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  atexit.register(shutil.rmtree, _cache_dir, True)
 
-import dsmoe
-from dsmoe import config as config_lib
+import pytest  # noqa: E402  (after the cache variable)
+
+import dsmoe  # noqa: E402
+from dsmoe import config as config_lib  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
