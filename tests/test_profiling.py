@@ -5,6 +5,7 @@ themselves need an XLA flag set before jax starts: not tested here)."""
 import jax
 import jax.numpy as jnp
 from jax import lax
+import pytest
 
 from dsmoe import profiling
 
@@ -53,3 +54,23 @@ def test_breakdown_and_slowest_sum_and_order_the_instructions():
   assert profiling.breakdown(times) == {"matmul": (4.5, 6), "zeros": (5.0, 1)}
   assert list(profiling.breakdown(times)) == ["zeros", "matmul"]  # largest first
   assert [op["name"] for op in profiling.slowest(times, 2)] == ["b", "a"]
+
+
+def test_loop_ablation_variants_patch_the_current_loop(monkeypatch):
+  """scripts/ablate_expert_loop.py: every variant's replacements still match
+  expert_loop.py exactly once (a refactor of the loop must update them, not
+  silently time the unchanged loop), each non-base variant changes the
+  source, and a pattern that no longer matches is refused."""
+  from tests.conftest import ROOT  # pylint: disable=g-import-not-at-top
+  monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+  import ablate_expert_loop as ablate  # pylint: disable=g-import-not-at-top
+  original = ablate.SOURCE.read_text()
+  assert ablate.patched_source("base") == original
+  for name in ablate.VARIANTS:
+    module = ablate.load_variant(name)  # compiles and imports
+    assert hasattr(module, "run_layout")
+    if name != "base":
+      assert ablate.patched_source(name) != original, name
+  monkeypatch.setitem(ablate.VARIANTS, "stale", [("no such line", "x")])
+  with pytest.raises(ValueError, match="occurs 0 times"):
+    ablate.patched_source("stale")
