@@ -16,6 +16,7 @@ import jax.numpy as jnp
 # experts (model/layers.py) and the CPU expert loop (expert_loop.py).
 FUSE_GATE_UP_MAX_HIDDEN = 256
 
+
 class ExpertWeights(NamedTuple):
   """The routed experts' SwiGLU weights, stacked over experts."""
   w_gate_edf: jax.Array  # [E, D, F]

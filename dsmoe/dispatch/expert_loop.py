@@ -220,8 +220,10 @@ def _grad_rows(n, tok_r, gate_r, saved_r, w_e, x_td, dy_td):
   dgate_r = jnp.sum(a_rf * da_rf, axis=-1)  # [n]
   da_rf = da_rf * gate_r
   dg_rf = da_rf * u_rf * sig_rf * (1 + g_rf * (1 - sig_rf))
-  dparts = tuple(p.astype(dt) for p in _parts(dg_rf, da_rf * silu_rf, len(w_in) == 1))  # [n,2F] or 2 x [n,F]
-  dx_rd = functools.reduce(operator.add, (_mm(dp, w, ((1,), (1,))) for dp, w in zip(dparts, w_in)))  # [n,D]
+  fused = len(w_in) == 1
+  dparts = tuple(p.astype(dt) for p in _parts(dg_rf, da_rf * silu_rf, fused))  # [n,2F] | 2x[n,F]
+  dx_rd = functools.reduce(operator.add,
+                           (_mm(dp, w, ((1,), (1,))) for dp, w in zip(dparts, w_in)))  # [n,D]
   dw_in = tuple(_mm(x_rd, dp, ((0,), (0,))) for dp in dparts)  # [D,2F] or 2 x [D,F]
   dw_d = _mm((a_rf * gate_r).astype(dt), dy_rd, ((0,), (0,)))  # [F,D]
   return dx_rd, dgate_r, dw_in, dw_d
