@@ -9,7 +9,7 @@ import tempfile
 # One persistent XLA compilation cache for the whole test session, shared with
 # the scripts the tests start (they inherit the variable): many tests train
 # the same small model in a fresh process, and each would otherwise compile
-# the same step again (~17% of tests/test_train_process.py + test_errors.py).
+# the same step again.
 # Set before jax is imported; removed when the session ends.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache_dir = tempfile.mkdtemp(prefix="dsmoe-test-xla-cache-")

@@ -204,7 +204,7 @@ def _fwd(x_td, weight_p, w, token_p, start_e, rows_e, sizes):
   return y_td.astype(x_td.dtype), (x_td, weight_p, w, token_p, start_e, rows_e, saved)
 
 
-def _grad_rows(n, tok_r, gate_r, saved_r, w_e, x_td, dy_td):
+def _grad_rows(n, tok_r, gate_r, saved_r, w_e, x_td, dy_td, fused):
   """Backward of rows [:n]: dx [n, D], dgate [n], the expert's weight
   gradients (of its input parts: [D, 2F] or 2 x [D, F]; and [F, D])."""
   w_in, w_d_fd = w_e
@@ -220,7 +220,6 @@ def _grad_rows(n, tok_r, gate_r, saved_r, w_e, x_td, dy_td):
   dgate_r = jnp.sum(a_rf * da_rf, axis=-1)  # [n]
   da_rf = da_rf * gate_r
   dg_rf = da_rf * u_rf * sig_rf * (1 + g_rf * (1 - sig_rf))
-  fused = len(w_in) == 1
   dparts = tuple(p.astype(dt) for p in _parts(dg_rf, da_rf * silu_rf, fused))  # [n,2F] | 2x[n,F]
   dx_rd = functools.reduce(operator.add,
                            (_mm(dp, w, ((1,), (1,))) for dp, w in zip(dparts, w_in)))  # [n,D]
@@ -236,7 +235,7 @@ def _bwd(sizes, res, dy_td):
   num_experts, d, f = w.w_gate_edf.shape
   num_rows, fused = token_p.shape[0], len(saved) == 1  # as the forward chose
   token_p, weight_p = _pad_rows(token_p, num_rows + big), _pad_rows(weight_p, num_rows + big)
-  grad_rows = functools.partial(_grad_rows, x_td=x_td, dy_td=dy_td.astype(dt))
+  grad_rows = functools.partial(_grad_rows, x_td=x_td, dy_td=dy_td.astype(dt), fused=fused)
 
   def padded(n, *operands):
     dx_rd, dgate_r, dw_in, dw_d = grad_rows(n, *operands)
