@@ -1,4 +1,4 @@
-"""Three facts about XLA:CPU that the M12 analysis (docs/BENCHMARKS.md) rests on.
+"""Four facts about XLA:CPU that the M12 analysis (docs/BENCHMARKS.md) rests on.
 
     python scripts/bench_xla_cpu_facts.py
 
@@ -12,7 +12,11 @@
    (the weight as stored, contracted on its last dim) against the same
    product with each weight transposed beforehand ([256, 512], plain
    matmul): whether the transposed operand itself is slow.
-Times are the best of 20 (1.) or 10 (2., 3.) calls after a compile call.
+4. The matmul rate (GFLOP/s) of the six products of a SwiGLU layer's
+   forward and backward at the narrower M12 shape, per expert (128 experts x
+   384 rows, hidden 128) and at the dense FFN's shapes (4096 rows, hidden
+   1536): what the matmuls alone cost at each shape, with no routing.
+Times are the best of 20 (1.) or 10 (2.-4.) calls after a compile call.
 """
 
 import time
@@ -77,8 +81,60 @@ def transposed_operand():
         f"the same with [{f2},{d}] weights: {best_ms(nn, w_efd, reps=10):6.2f} ms")
 
 
+def swiglu_products(tokens, d, experts, hidden, top_k):
+  """The six products of a SwiGLU layer's forward and backward as (name, M,
+  K, N, count) for [M, K] x [K, N]: per expert (tokens * top_k / experts
+  rows, gate and up as one [D, 2F] product) and for the dense FFN of equal
+  activated FLOPs (hidden top_k * hidden, gate and up as two products)."""
+  rows, wide, f2 = tokens * top_k // experts, top_k * hidden, 2 * hidden
+  per_expert = [("x w_gu", rows, d, f2, 1), ("a w_down", rows, hidden, d, 1),
+                ("dy w_down^T", rows, d, hidden, 1), ("dgu w_gu^T", rows, f2, d, 1),
+                ("x^T dgu", d, rows, f2, 1), ("a^T dy", hidden, rows, d, 1)]
+  dense = [("x w_g, x w_u", tokens, d, wide, 2), ("a w_down", tokens, wide, d, 1),
+           ("dy w_down^T", tokens, d, wide, 1), ("dg w_g^T, du w_u^T", tokens, wide, d, 2),
+           ("x^T dg, x^T du", d, tokens, wide, 2), ("a^T dy", wide, tokens, d, 1)]
+  return per_expert, dense
+
+
+def matmul_rates(tokens=4096, d=512, experts=128, hidden=128, top_k=12):
+  """Each product of :func:`swiglu_products` as a row-major [M, K] x [K, N]
+  matmul (no transposed operand). Per expert: a loop over the experts, the
+  right operand a distinct [K, N] slice of an [E, K, N] stack (as the loop
+  streams expert weights), the left one the same array throughout (in
+  cache, as the loop's gathered or computed rows are). Dense: one call."""
+  per_expert, dense = swiglu_products(tokens, d, experts, hidden, top_k)
+  key = jax.random.key(2)
+
+  def looped(m, k, n):
+    a, b = jax.random.normal(key, (m, k)), jax.random.normal(key, (experts, k, n))
+
+    def body(e, acc):
+      return acc + a @ lax.dynamic_index_in_dim(b, e, 0, keepdims=False)
+    return best_ms(jax.jit(lambda a, b: lax.fori_loop(0, experts, body, jnp.zeros((m, n)))),
+                   a, b, reps=10)
+
+  def single(m, k, n):
+    a, b = jax.random.normal(key, (m, k)), jax.random.normal(key, (k, n))
+    return best_ms(jax.jit(lambda a, b: a @ b), a, b, reps=10)
+
+  total = {}
+  for where, products, time_ms, copies in ((f"{experts} experts x", per_expert, looped, experts),
+                                           ("dense FFN", dense, single, 1)):
+    total[where] = 0.0
+    for name, m, k, n, count in products:
+      ms = count * time_ms(m, k, n)
+      total[where] += ms
+      rate = 2 * count * copies * m * k * n / ms / 1e6
+      print(f"  {where:16s} {name:20s} [{m},{k}]x[{k},{n}] {ms:7.2f} ms  {rate:5.0f} GFLOP/s",
+            flush=True)
+  moe, ffn = total.values()
+  print(f"the six products of forward+backward: experts {moe:.1f} ms, dense FFN {ffn:.1f} ms "
+        f"({moe / ffn:.2f}x)")
+
+
 if __name__ == "__main__":
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
   zero_fill()
   two_loops()
   transposed_operand()
+  matmul_rates()

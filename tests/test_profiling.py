@@ -74,3 +74,18 @@ def test_loop_ablation_variants_patch_the_current_loop(monkeypatch):
   monkeypatch.setitem(ablate.VARIANTS, "stale", [("no such line", "x")])
   with pytest.raises(ValueError, match="occurs 0 times"):
     ablate.patched_source("stale")
+
+
+def test_matmul_rate_fact_times_the_layers_flops_on_both_sides(monkeypatch):
+  """bench_xla_cpu_facts fact 4 compares the experts' products with the dense
+  FFN's: both lists must hold a SwiGLU layer's forward+backward FLOPs,
+  3 passes x 2 x (T*K rows) x 3 projections x D x F (by hand, not from the
+  script), or the ratio it prints compares different work."""
+  from tests.conftest import ROOT  # pylint: disable=g-import-not-at-top
+  monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+  import bench_xla_cpu_facts  # pylint: disable=g-import-not-at-top
+  for t, d, e, f, k in ((4096, 512, 128, 128, 12), (64, 16, 8, 4, 2), (96, 8, 6, 10, 3)):
+    per_expert, dense = bench_xla_cpu_facts.swiglu_products(t, d, e, f, k)
+    expected = 3 * 2 * (t * k) * 3 * d * f
+    assert sum(2 * e * m * kk * n * c for _, m, kk, n, c in per_expert) == expected
+    assert sum(2 * m * kk * n * c for _, m, kk, n, c in dense) == expected
