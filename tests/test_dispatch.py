@@ -236,11 +236,12 @@ def test_sort_by_expert_is_a_stable_argsort(num_experts):
 
 
 def test_auto_block_size():
-  # loop: chunks of ~1.25x the mean rows per expert in <= 16 blocks of R rows
-  assert dropless.auto_block_size(24576, 64, "loop") == 32  # 480 rows -> 15 blocks
-  assert dropless.auto_block_size(14336, 63, "loop") == 32  # 285 rows -> 9 blocks
+  # loop: chunks of ~1.25x the mean rows per expert in <= 32 blocks of R rows
+  assert dropless.auto_block_size(24576, 64, "loop") == 16  # 480 rows -> 30 blocks
+  assert dropless.auto_block_size(14336, 63, "loop") == 16  # 285 rows -> 18 blocks
+  assert dropless.auto_block_size(8192, 16, "loop") == 32  # 640 rows -> 20 blocks
   assert dropless.auto_block_size(40, 6, "loop") == 8
-  assert dropless.auto_block_size(10**6, 8, "loop") == 64  # chunk capped at 1024 rows
+  assert dropless.auto_block_size(10**6, 8, "loop") == 32  # chunk capped at 1024 rows
   assert dropless.auto_block_size(24576, 64, "batched") == 256
   assert dropless.auto_block_size(1000, 8, "batched") == 64
   assert dropless.resolve_block_size(32, 24576, 64, "loop") == 32
@@ -249,7 +250,7 @@ def test_auto_block_size():
 def test_loop_chunk_sizes():
   assert dropless.loop_chunk_sizes(32, 480) == tuple(range(32, 481, 32))
   assert dropless.loop_chunk_sizes(32, 470) == tuple(range(32, 481, 32))  # rounded up
-  assert dropless.loop_chunk_sizes(4, 1000) == tuple(range(4, 65, 4))  # at most 16 R
+  assert dropless.loop_chunk_sizes(4, 1000) == tuple(range(4, 129, 4))  # at most 32 R
   assert dropless.loop_chunk_sizes(64, 10) == (64,)
 
 

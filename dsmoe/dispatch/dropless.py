@@ -77,7 +77,7 @@ def resolve_strategy(strategy: str, platform: str | None = None) -> str:
 
 
 LOOP_MAX_CHUNK = 1024  # rows: an expert with more rows runs several chunks
-LOOP_MAX_BRANCHES = 16  # chunk sizes R, 2R, ..., 16R: one compiled branch each
+LOOP_MAX_BRANCHES = 32  # chunk sizes R, 2R, ..., 32R: one compiled branch each
 LOOP_CHUNK_OVER_MEAN = 1.25  # a chunk holds the mean rows per expert + 25%
 
 
@@ -93,8 +93,10 @@ def auto_block_size(num_pairs: int, num_experts: int, strategy: str) -> int:
   "loop": the smallest power of two >= 8 that splits a chunk of
   :func:`loop_target` rows into at most LOOP_MAX_BRANCHES blocks (the
   mean expert then runs as one chunk; its padding is below R rows). At the
-  default shape (T*K = 24576 pairs, 64 experts) that is R = 32 and chunks
-  of up to 480 rows. "batched": a power of two >= 8 near the mean rows per
+  default shape (T*K = 24576 pairs, 64 experts) that is R = 16 and chunks
+  of up to 480 rows (30 sizes). 32 sizes rather than 16 halve the padding
+  rows for ~1.5 s more compile time per MoE layer (docs/BENCHMARKS.md, "M12,
+  fourth look"). "batched": a power of two >= 8 near the mean rows per
   expert, at most 256 (each block gathers a copy of its expert's weights,
   so larger blocks pay off).
   """
