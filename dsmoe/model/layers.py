@@ -28,9 +28,6 @@ class RMSNorm(nnx.Module):
     return (x32 * inv).astype(x_btd.dtype) * self.scale_d[...].astype(x_btd.dtype)
 
 
-# FUSE_GATE_UP_MAX_HIDDEN (dispatch/common.py): one [D, 2F] matmul for gate and up.
-
-
 def _dot(x, w, dtype):
   """x [..., a] @ w [a, b] in `dtype`, accumulated in float32 (bfloat16 inputs
   with float32 accumulation also take XLA:CPU's fast AVX-512 BF16 kernels)."""
