@@ -13,7 +13,7 @@ Steps:
   3. strategy "loop" (CPU; expert_loop.py): no [E, C] buffers at all: the
      kept pairs are packed by expert like dropless ones (each expert's
      min(n_e, C) rows padded to a block of R rows, R chosen so that C is at
-     most LOOP_MAX_BRANCHES = 32 blocks), and the fused loop runs each
+     most dropless.LOOP_MAX_BRANCHES blocks), and the fused loop runs each
      expert's rows as one chunk: gather its token rows by index (never a
      one-hot), SwiGLU, scatter-add gate * output into y_td. An underfull
      expert costs only its rows, not C. Strategy "batched": index gather
