@@ -1,6 +1,7 @@
 """Four facts about XLA:CPU that the M12 analysis (docs/BENCHMARKS.md) rests on.
 
-    python scripts/bench_xla_cpu_facts.py
+    python scripts/bench_xla_cpu_facts.py            # all four, fact 4 at the narrower shape
+    python scripts/bench_xla_cpu_facts.py --facts 4 --experts 64 --hidden 256 --top-k 6
 
 1. Zero-filling a loop-carried f32 buffer: cheap below 32 MiB, ~0.25 ms per
    MiB above (allocations of 32 MiB and more are fresh pages that fault on
@@ -15,15 +16,20 @@
 4. The matmul rate (GFLOP/s) of the six products of a SwiGLU layer's
    forward and backward at the narrower M12 shape, per expert (128 experts x
    384 rows, hidden 128) and at the dense FFN's shapes (4096 rows, hidden
-   1536): what the matmuls alone cost at each shape, with no routing.
+   1536): what the matmuls alone cost at each shape, with no routing (per
+   expert: the weight slice and the product, nothing else).
+   --tokens/--d-model/--experts/--hidden/--top-k pick another shape.
 Times are the best of 20 (1.) or 10 (2.-4.) calls after a compile call.
 """
 
+import argparse
 import time
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from dsmoe.dispatch.common import FUSE_GATE_UP_MAX_HIDDEN
 
 
 def best_ms(f, *args, reps=20):
@@ -84,12 +90,19 @@ def transposed_operand():
 def swiglu_products(tokens, d, experts, hidden, top_k):
   """The six products of a SwiGLU layer's forward and backward as (name, M,
   K, N, count) for [M, K] x [K, N]: per expert (tokens * top_k / experts
-  rows, gate and up as one [D, 2F] product) and for the dense FFN of equal
-  activated FLOPs (hidden top_k * hidden, gate and up as two products)."""
+  rows; gate and up as one [D, 2F] product up to FUSE_GATE_UP_MAX_HIDDEN,
+  as two [D, F] ones above it, as the expert loop runs them) and for the
+  dense FFN of equal activated FLOPs (hidden top_k * hidden, gate and up as
+  two products)."""
   rows, wide, f2 = tokens * top_k // experts, top_k * hidden, 2 * hidden
-  per_expert = [("x w_gu", rows, d, f2, 1), ("a w_down", rows, hidden, d, 1),
-                ("dy w_down^T", rows, d, hidden, 1), ("dgu w_gu^T", rows, f2, d, 1),
-                ("x^T dgu", d, rows, f2, 1), ("a^T dy", hidden, rows, d, 1)]
+  if hidden <= FUSE_GATE_UP_MAX_HIDDEN:  # as the expert loop runs them
+    gate_up = [("x w_gu", rows, d, f2, 1), ("dgu w_gu^T", rows, f2, d, 1),
+               ("x^T dgu", d, rows, f2, 1)]
+  else:
+    gate_up = [("x w_g, x w_u", rows, d, hidden, 2), ("dg w_g^T, du w_u^T", rows, hidden, d, 2),
+               ("x^T dg, x^T du", d, rows, hidden, 2)]
+  per_expert = [gate_up[0], ("a w_down", rows, hidden, d, 1), ("dy w_down^T", rows, d, hidden, 1),
+                gate_up[1], gate_up[2], ("a^T dy", hidden, rows, d, 1)]
   dense = [("x w_g, x w_u", tokens, d, wide, 2), ("a w_down", tokens, wide, d, 1),
            ("dy w_down^T", tokens, d, wide, 1), ("dg w_g^T, du w_u^T", tokens, wide, d, 2),
            ("x^T dg, x^T du", d, tokens, wide, 2), ("a^T dy", wide, tokens, d, 1)]
@@ -101,15 +114,19 @@ def matmul_rates(tokens=4096, d=512, experts=128, hidden=128, top_k=12):
   matmul (no transposed operand). Per expert: a loop over the experts, the
   right operand a distinct [K, N] slice of an [E, K, N] stack (as the loop
   streams expert weights), the left one the same array throughout (in
-  cache, as the loop's gathered or computed rows are). Dense: one call."""
+  cache, as the loop's gathered or computed rows are); the loop carries each
+  product to the next step, which overwrites it, so only the slice and the
+  product are timed (until 2026-12-06 each product was added into an
+  accumulator, which cost 3-17% more). Dense: one call."""
   per_expert, dense = swiglu_products(tokens, d, experts, hidden, top_k)
   key = jax.random.key(2)
 
   def looped(m, k, n):
     a, b = jax.random.normal(key, (m, k)), jax.random.normal(key, (experts, k, n))
 
-    def body(e, acc):
-      return acc + a @ lax.dynamic_index_in_dim(b, e, 0, keepdims=False)
+    def body(e, prev):  # each product overwrites the last: no add timed with it
+      del prev
+      return a @ lax.dynamic_index_in_dim(b, e, 0, keepdims=False)
     return best_ms(jax.jit(lambda a, b: lax.fori_loop(0, experts, body, jnp.zeros((m, n)))),
                    a, b, reps=10)
 
@@ -132,9 +149,28 @@ def matmul_rates(tokens=4096, d=512, experts=128, hidden=128, top_k=12):
         f"({moe / ffn:.2f}x)")
 
 
-if __name__ == "__main__":
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--facts", default="1,2,3,4", help="comma-separated subset of 1,2,3,4")
+  parser.add_argument("--tokens", type=int, default=4096, help="fact 4's shape")
+  parser.add_argument("--d-model", type=int, default=512)
+  parser.add_argument("--experts", type=int, default=128)
+  parser.add_argument("--hidden", type=int, default=128, help="one expert's hidden size")
+  parser.add_argument("--top-k", type=int, default=12)
+  args = parser.parse_args()
+  try:
+    facts = {int(f) for f in args.facts.split(",")}
+  except ValueError:
+    parser.error(f"--facts {args.facts!r}: expected a comma-separated subset of 1,2,3,4")
+  if not facts <= {1, 2, 3, 4}:
+    parser.error(f"--facts {args.facts!r}: expected a comma-separated subset of 1,2,3,4")
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
-  zero_fill()
-  two_loops()
-  transposed_operand()
-  matmul_rates()
+  for number, fact in ((1, zero_fill), (2, two_loops), (3, transposed_operand)):
+    if number in facts:
+      fact()
+  if 4 in facts:
+    matmul_rates(args.tokens, args.d_model, args.experts, args.hidden, args.top_k)
+
+
+if __name__ == "__main__":
+  main()

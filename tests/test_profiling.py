@@ -84,7 +84,9 @@ def test_matmul_rate_fact_times_the_layers_flops_on_both_sides(monkeypatch):
   from tests.conftest import ROOT  # pylint: disable=g-import-not-at-top
   monkeypatch.syspath_prepend(str(ROOT / "scripts"))
   import bench_xla_cpu_facts  # pylint: disable=g-import-not-at-top
-  for t, d, e, f, k in ((4096, 512, 128, 128, 12), (64, 16, 8, 4, 2), (96, 8, 6, 10, 3)):
+  # hidden 768 is above FUSE_GATE_UP_MAX_HIDDEN: gate and up as two products per expert
+  for t, d, e, f, k in ((4096, 512, 128, 128, 12), (64, 16, 8, 4, 2), (96, 8, 6, 10, 3),
+                        (4096, 512, 16, 768, 2)):
     per_expert, dense = bench_xla_cpu_facts.swiglu_products(t, d, e, f, k)
     expected = 3 * 2 * (t * k) * 3 * d * f
     assert sum(2 * e * m * kk * n * c for _, m, kk, n, c in per_expert) == expected
