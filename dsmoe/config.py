@@ -34,7 +34,7 @@ EP_EXCHANGES = ("auto", "allgather", "all_to_all", "ragged_all_to_all")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_moe_exchange")
 MESH_AXES = ("data", "fsdp", "expert")
 GMM_BACKENDS = ("auto", "blocked", "ragged_dot", "pallas")
-GMM_STRATEGIES = ("auto", "loop", "batched")
+GMM_STRATEGIES = ("auto", "loop", "kernel", "batched")
 SCORE_FNS = ("softmax", "sigmoid")
 ROUTERS = ("topk", "hash")
 DROP_POLICIES = ("position", "score")
@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.impl = "dropless"  # "dense" (reference), "dropless", "capacity"
   e.gmm_backend = "auto"  # grouped matmul: "auto", "blocked", "ragged_dot", "pallas"
   # ("pallas": Pallas kernels, TPU/GPU; on CPU interpreted, for tests only)
-  e.gmm_strategy = "auto"  # how "blocked" runs: "auto", "loop" (CPU), "batched" (GPU)
+  e.gmm_strategy = "auto"  # how "blocked" runs: "auto", "kernel" or "loop" (CPU), "batched" (GPU)
   e.block_size = 0  # rows per single-expert block of "blocked"/"pallas"; 0: from the shape
   e.capacity_factor = 1.25  # capacity = factor * tokens * top_k / experts
   e.eval_capacity_factor = 0.0  # 0: never drop at evaluation

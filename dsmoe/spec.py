@@ -34,7 +34,7 @@ class MoESpec:
   comm_balance_alpha: float = 0.0  # a3
   impl: str = "dropless"  # "dense", "dropless", "capacity"
   gmm_backend: str = "auto"  # "auto", "blocked", "ragged_dot", "pallas"
-  gmm_strategy: str = "auto"  # "auto", "loop", "batched"
+  gmm_strategy: str = "auto"  # "auto", "loop", "kernel", "batched"
   block_size: int = 0  # 0: chosen from the shape
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 0.0  # 0: never drop at evaluation

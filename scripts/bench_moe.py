@@ -18,8 +18,12 @@ for when its buffers come from and go back to the OS) of:
   capacity              dsmoe capacity dispatch (factor --capacity-factor);
   capacity_score        the same with drop_policy="score";
   dropless_blocked      dsmoe dropless, blocked grouped matmul (--block-size),
-                        with the platform's strategy (CPU: fused loop; GPU:
-                        batched matmuls); --other-strategy adds the other one;
+                        with the platform's strategy (CPU: the C++ kernel in
+                        float32 where it builds, else the fused XLA loop; GPU:
+                        batched matmuls); --other-strategy adds "batched" or
+                        "loop", whichever the platform does not use;
+  capacity_loop,        capacity and dropless with the fused XLA loop
+  dropless_loop         (strategy "loop"), whatever the platform's default;
   dropless_ragged_dot   dsmoe dropless, jax.lax.ragged_dot backend;
   naive_onehot_einsum   GShard-style dispatch/combine one-hot einsums [T,E,C];
   naive_ragged_dot      sort + take + lax.ragged_dot + segment_sum, plain autodiff.
@@ -300,6 +304,8 @@ def cases(args):
       "capacity": (cap(), "moe", fast),
       "capacity_score": (cap(policy="score"), "moe", fast),
       "dropless_blocked": (drop(), "moe", fast),
+      "capacity_loop": (cap(strategy="loop"), "moe", fast),  # the XLA loop, not the CPU kernel
+      "dropless_loop": (drop(strategy="loop"), "moe", fast),
       "dropless_ragged_dot": (drop(backend="ragged_dot"), "moe", slow),
       "naive_onehot_einsum": (lambda x, i, wt, p: naive_onehot_einsum(x, i, wt, p, cf),
                               "moe", slow + 2),  # ~20x dense: a few reps are affordable
@@ -310,7 +316,7 @@ def cases(args):
       table[f"dropless_blocked_{name}"] = (_loop_gate_up(drop(strategy="loop"), fuse_max),
                                            "moe", fast)
   if args.other_strategy:  # the blocked strategy this platform does not use
-    other = "batched" if dropless.resolve_strategy("auto") == "loop" else "loop"
+    other = "batched" if dropless.resolve_strategy("auto") in dropless.LOOP_STRATEGIES else "loop"
     table[f"dropless_blocked_{other}"] = (drop(strategy=other), "moe", fast)
     table[f"capacity_{other}"] = (cap(strategy=other), "moe", fast)
   return table

@@ -28,10 +28,13 @@ PATHS = [
     ("dropless", dict(backend="blocked", strategy="loop", block_size=1)),
     ("dropless", dict(backend="blocked", strategy="loop", block_size=64)),
     ("dropless", dict(backend="blocked", strategy="loop", block_size=0)),  # from the shape
+    ("dropless", dict(backend="blocked", strategy="kernel", block_size=4)),  # C++ CPU kernel
+    ("dropless", dict(backend="blocked", strategy="kernel", block_size=1)),
     ("dropless", dict(backend="blocked", strategy="batched", block_size=4)),
     ("dropless", dict(backend="ragged_dot")),
     ("dropless", dict(backend="pallas", block_size=16)),  # CPU: Pallas interpreter
     ("capacity", dict(strategy="loop")),
+    ("capacity", dict(strategy="kernel")),
     ("capacity", dict(strategy="batched")),
 ]
 
@@ -284,7 +287,7 @@ def test_auto_settings_resolve_per_platform():
   assert dropless.resolve_backend("auto", "tpu") == "ragged_dot"
   assert dropless.resolve_backend("auto", "cpu") == dropless.resolve_backend("auto", "gpu") == "blocked"
   assert dropless.resolve_backend("ragged_dot", "cpu") == "ragged_dot"
-  assert dropless.resolve_strategy("auto", "cpu") == "loop"
+  assert dropless.resolve_strategy("auto", "cpu") == "kernel"  # it builds on the test machine
   assert dropless.resolve_strategy("auto", "gpu") == "batched"
   assert dropless.resolve_strategy("batched", "cpu") == "batched"
   x, idx, weight, experts = make_case(0, 4, 4, 1)
@@ -295,6 +298,7 @@ def test_auto_settings_resolve_per_platform():
 @pytest.mark.parametrize("impl,backend,strategy", [
     ("dense", "auto", "auto"), ("capacity", "blocked", "loop"),
     ("capacity", "blocked", "batched"), ("dropless", "blocked", "loop"),
+    ("capacity", "blocked", "kernel"), ("dropless", "blocked", "kernel"),
     ("dropless", "blocked", "batched"), ("dropless", "ragged_dot", "auto")])
 def test_tiny_model_forward_and_grad(impl, backend, strategy):
   cfg = small_config(**{"model.moe.impl": impl, "model.moe.gmm_backend": backend,

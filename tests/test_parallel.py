@@ -166,7 +166,8 @@ def _np_local_moe(x, idx, weight, w, first, num_local):
   return out
 
 
-@pytest.mark.parametrize("backend,strategy", [("blocked", "loop"), ("blocked", "batched"),
+@pytest.mark.parametrize("backend,strategy", [("blocked", "loop"), ("blocked", "kernel"),
+                                              ("blocked", "batched"),
                                               ("ragged_dot", "auto"), ("pallas", "auto")])
 def test_local_dispatch_runs_only_this_devices_experts(backend, strategy):
   """Experts 4..7 of 12 are local: pairs of other experts add nothing and

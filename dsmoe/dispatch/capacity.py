@@ -29,7 +29,8 @@ from dsmoe.dispatch import block_batched
 from dsmoe.dispatch import layout as layout_lib
 from dsmoe.dispatch.common import DispatchResult, ExpertWeights, cast
 from dsmoe.dispatch import expert_loop
-from dsmoe.dispatch.dropless import loop_block_size, loop_chunk_sizes, resolve_strategy
+from dsmoe.dispatch.dropless import (LOOP_STRATEGIES, loop_block_size, loop_chunk_sizes,
+                                     resolve_strategy)
 from dsmoe.dispatch.permute import combine, permute
 
 
@@ -41,12 +42,14 @@ def dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, factor: float,
   t, k = x_td.shape[0], idx_tk.shape[1]
   num_experts = experts.w_gate_edf.shape[0]
   cap = layout_lib.capacity(t, k, num_experts, factor)
-  if resolve_strategy(strategy) == "loop":
+  strategy = resolve_strategy(strategy)
+  if strategy in LOOP_STRATEGIES:
     block = loop_block_size(cap)
     lay = layout_lib.blocked_layout(idx_tk, num_experts, block, cap=cap, weight_tk=weight_tk,
                                     policy=policy)  # kept pairs packed, no [E, C] buffers
     sizes = loop_chunk_sizes(block, cap)  # one chunk per expert (C <= 16 R)
-    y_td = expert_loop.run_layout(x_td, weight_tk, experts, lay, sizes)  # [T,D]
+    y_td = expert_loop.run_layout(x_td, weight_tk, experts, lay, sizes,
+                                  kernel=strategy == "kernel")  # [T,D]
   else:  # "batched": the [E, C, D] buffer, batched matmuls over E
     w = cast(experts, x_td.dtype)
     lay = layout_lib.capacity_layout(idx_tk, weight_tk, num_experts, cap, policy)

@@ -9,7 +9,10 @@ Steps:
      the experts that gathers each expert's token rows (as one chunk of up
      to ~1.25x the mean rows per expert, :func:`loop_chunk_sizes`), runs
      its SwiGLU and scatter-adds gate * output into y_td, with a
-     hand-written backward loop; no permuted buffer exists;
+     hand-written backward loop; no permuted buffer exists; strategy
+     "kernel" (cpu_kernel.py): the same computation as a C++ XLA:CPU
+     custom call, the experts spread over the cores (float32; other dtypes
+     run "loop");
   2'. otherwise: permute the token rows into a buffer x_pd [P, D]; grouped
      SwiGLU (backend "blocked", strategy "batched": batched matmuls with
      per-block gathered weights, block_batched.py; backend "ragged_dot":
@@ -25,7 +28,8 @@ for (`jax.default_backend()`): backend "ragged_dot" on TPU (a native grouped
 matmul there), "blocked" elsewhere (XLA's ragged_dot densifies on CPU and
 GPU); "pallas" only on the platforms in AUTO_PALLAS_PLATFORMS, empty until a
 benchmark on that hardware shows the kernels faster (docs/BENCHMARKS.md);
-strategy "loop" on CPU, "batched" elsewhere (kernel launches); block size
+strategy "kernel" on CPU where it builds (else "loop"), "batched"
+elsewhere (kernel launches); block size
 from the shape (:func:`auto_block_size`; 128 for "pallas").
 
 No token is ever dropped and every shape is static.
@@ -41,12 +45,17 @@ import jax.numpy as jnp
 from dsmoe.dispatch import block_batched
 from dsmoe.dispatch import layout as layout_lib
 from dsmoe.dispatch.common import DispatchResult, ExpertWeights, cast, no_drops
+from dsmoe.dispatch import cpu_kernel
 from dsmoe.dispatch import expert_loop
 from dsmoe.dispatch.permute import combine, permute
 from pallas_kernels import gmm as pallas_gmm
 
 BACKENDS = ("blocked", "ragged_dot", "pallas")
-STRATEGIES = ("loop", "batched")
+STRATEGIES = ("loop", "kernel", "batched")
+# Strategies that run the experts over a blocked layout one expert at a time:
+# the fused XLA loop (expert_loop.py) and the C++ CPU kernel (cpu_kernel.py),
+# which falls back to the loop where it does not apply (not float32).
+LOOP_STRATEGIES = ("loop", "kernel")
 # Platforms where "auto" picks the Pallas kernels. Empty: they have not been
 # measured on a GPU or TPU yet (docs/BENCHMARKS.md, "Pallas kernels").
 AUTO_PALLAS_PLATFORMS: tuple[str, ...] = ()
@@ -64,16 +73,29 @@ def resolve_backend(backend: str, platform: str | None = None) -> str:
 
 
 def resolve_strategy(strategy: str, platform: str | None = None) -> str:
-  """"auto" -> "loop" on CPU, "batched" elsewhere.
+  """"auto" -> "kernel" on CPU where the C++ kernel builds, else "loop"; "batched"
+  elsewhere.
 
-  "loop" (expert_loop.py) moves the least memory but runs small ops per
-  block: best on a CPU. "batched" (block_batched.py) runs a few large kernels
-  on a materialised [G, R, D] buffer: meant for GPUs (kernel launches).
+  "kernel" (cpu_kernel.py) runs each expert's rows with OpenBLAS, the experts
+  spread over the cores; float32 only (other dtypes run "loop"). "loop"
+  (expert_loop.py) is the same computation in XLA: it moves the least memory
+  but runs small ops one at a time. "batched" (block_batched.py) runs a few
+  large kernels on a materialised [G, R, D] buffer: meant for GPUs (kernel
+  launches).
   """
+  platform = platform or jax.default_backend()
+  if strategy == "kernel":
+    if platform != "cpu":
+      raise ValueError(f"config.model.moe.gmm_strategy='kernel' runs on CPU only, not on "
+                       f"{platform}; use 'auto'")
+    if not cpu_kernel.available():
+      raise ValueError("config.model.moe.gmm_strategy='kernel': the CPU kernel is unavailable "
+                       f"here ({cpu_kernel.unavailable_reason()}); use 'auto' or 'loop'")
   if strategy != "auto":
     return strategy
-  platform = platform or jax.default_backend()
-  return "loop" if platform == "cpu" else "batched"
+  if platform != "cpu":
+    return "batched"
+  return "kernel" if cpu_kernel.available() else "loop"
 
 
 LOOP_MAX_CHUNK = 1024  # rows: an expert with more rows runs several chunks
@@ -100,7 +122,7 @@ def auto_block_size(num_pairs: int, num_experts: int, strategy: str) -> int:
   expert, at most 256 (each block gathers a copy of its expert's weights,
   so larger blocks pay off).
   """
-  if strategy == "loop":
+  if strategy in LOOP_STRATEGIES:
     return loop_block_size(loop_target(num_pairs, num_experts))
   per_expert = max(1, num_pairs // num_experts)
   return int(min(256, max(8, 1 << (per_expert.bit_length() - 1))))
@@ -142,13 +164,15 @@ def pallas_swiglu(x_pd, group_sizes_e, experts: ExpertWeights, tiling: pallas_gm
 
 
 def loop_over_layout(x_td, weight_tk, w: ExpertWeights, lay, block: int,
-                     expected_pairs: int):
-  """The fused loop (expert_loop.py) over the experts of `w` on a blocked
-  layout; chunks sized for `expected_pairs` pairs spread over those experts
-  (the weights stay in their own dtype: the loop casts them per expert)."""
+                     expected_pairs: int, strategy: str = "loop"):
+  """The fused loop (expert_loop.py; strategy "kernel": the CPU kernel where it
+  applies) over the experts of `w` on a blocked layout; chunks sized for
+  `expected_pairs` pairs spread over those experts (the weights stay in their
+  own dtype: the loop casts them per expert)."""
   num_experts = w.w_gate_edf.shape[0]
   rows = min(loop_target(expected_pairs, num_experts), lay.token_p.shape[0] // block * block)
-  return expert_loop.run_layout(x_td, weight_tk, w, lay, loop_chunk_sizes(block, rows))
+  return expert_loop.run_layout(x_td, weight_tk, w, lay, loop_chunk_sizes(block, rows),
+                                kernel=strategy == "kernel")
 
 
 def _permuted(x_td, idx_tk, weight_tk, w: ExpertWeights, block: int, backend: str):
@@ -172,7 +196,7 @@ def dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, backend: str = 
   """y_td = sum_k weight_tk * FFN_{idx_tk}(x_td), nothing dropped.
 
   backend: "auto", "blocked", "ragged_dot" or "pallas"; strategy ("blocked"
-  only): "auto", "loop" or "batched"; block_size ("blocked", "pallas"): rows
+  only): "auto", "loop", "kernel" or "batched"; block_size ("blocked", "pallas"): rows
   per block, 0 to choose from the shape ("pallas": a power of two >= 16).
   """
   backend = resolve_backend(backend)
@@ -187,9 +211,9 @@ def dispatch(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, backend: str = 
   else:
     strategy = resolve_strategy(strategy)
     block = resolve_block_size(block_size, idx_tk.size, w.w_gate_edf.shape[0], strategy)
-    if strategy == "loop":  # casts each expert's weights itself
+    if strategy in LOOP_STRATEGIES:  # casts each expert's weights itself
       lay = layout_lib.blocked_layout(idx_tk, w.w_gate_edf.shape[0], block)
-      y_td = loop_over_layout(x_td, weight_tk, experts, lay, block, idx_tk.size)
+      y_td = loop_over_layout(x_td, weight_tk, experts, lay, block, idx_tk.size, strategy)
     else:
       y_td = _permuted(x_td, idx_tk, weight_tk, w, block, backend)
   return DispatchResult(y_td, no_drops())

@@ -54,8 +54,9 @@ def _grouped(x_td, idx_tk, weight_tk, w: ExpertWeights, num_local: int, backend:
 def _blocked(x_td, idx_tk, weight_tk, experts: ExpertWeights, num_local: int, block: int,
              strategy: str, expected_pairs: int):
   lay = layout_lib.blocked_layout(idx_tk, num_local + 1, block)  # "elsewhere" last
-  if strategy == "loop":  # runs over the experts of `experts`: the local ones only
-    return dropless.loop_over_layout(x_td, weight_tk, experts, lay, block, expected_pairs)
+  if strategy in dropless.LOOP_STRATEGIES:  # over the experts of `experts`: the local ones
+    return dropless.loop_over_layout(x_td, weight_tk, experts, lay, block, expected_pairs,
+                                     strategy)
   x_pd = permute(x_td, lay.token_p, lay.row_tk, may_drop=False)  # [P,D]
   y_pd = block_batched.swiglu_over_blocks(x_pd, lay.block_end_e[:num_local],
                                           cast(experts, x_td.dtype), block)  # [P,D]
