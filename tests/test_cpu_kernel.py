@@ -126,12 +126,16 @@ def test_missing_compiler_and_failed_build_say_why(tmp_path, monkeypatch):
   assert not list(tmp_path.glob("*.so"))
 
 
-def test_strategy_resolution_with_and_without_the_kernel(monkeypatch):
+def test_strategy_resolution_with_and_without_the_kernel(monkeypatch, caplog):
   assert dropless.resolve_strategy("auto", "cpu") == "kernel"
   assert dropless.resolve_strategy("auto", "gpu") == "batched"
   with pytest.raises(ValueError, match="gmm_strategy='kernel' runs on CPU only"):
     dropless.resolve_strategy("kernel", "gpu")
   monkeypatch.setattr(cpu_kernel, "_load", lambda: (False, "no C++ compiler 'g++' on PATH"))
+  dropless._warn_no_kernel.cache_clear()  # pylint: disable=protected-access
   assert dropless.resolve_strategy("auto", "cpu") == "loop"
+  assert dropless.resolve_strategy("auto", "cpu") == "loop"  # said once, not per layer
+  said = [r.getMessage() for r in caplog.records if "expert kernel is unavailable" in r.getMessage()]
+  assert len(said) == 1 and "no C++ compiler 'g++' on PATH" in said[0]
   with pytest.raises(ValueError, match=r"unavailable here \(no C\+\+ compiler 'g\+\+' on PATH\)"):
     dropless.resolve_strategy("kernel", "cpu")

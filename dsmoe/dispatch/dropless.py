@@ -37,6 +37,8 @@ No token is ever dropped and every shape is static.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import jax
@@ -95,7 +97,18 @@ def resolve_strategy(strategy: str, platform: str | None = None) -> str:
     return strategy
   if platform != "cpu":
     return "batched"
-  return "kernel" if cpu_kernel.available() else "loop"
+  if cpu_kernel.available():
+    return "kernel"
+  _warn_no_kernel(cpu_kernel.unavailable_reason())
+  return "loop"
+
+
+@functools.cache
+def _warn_no_kernel(reason: str) -> None:
+  """One log line per reason: "auto" runs the slower XLA loop on this CPU."""
+  logging.getLogger(__name__).warning(
+      "dsmoe: the CPU expert kernel is unavailable (%s); the routed experts run the "
+      "slower XLA loop (gmm_strategy 'loop')", reason)
 
 
 LOOP_MAX_CHUNK = 1024  # rows: an expert with more rows runs several chunks
