@@ -25,7 +25,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <string>
 #include <thread>
 #include <vector>
 
@@ -54,7 +53,7 @@ void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const fl
 // element unless -ffast-math, which we avoid: in a shared library it may set
 // flush-to-zero for the whole process). Range reduction v = n ln2 + r with ln2
 // in two parts, then the degree-7 minimax polynomial of the Cephes library's
-// expf for e^r on |r| <= ln2 / 2 (relative error ~1e-7), times 2^n built in
+// expf for e^r on |r| <= ln2 / 2, times 2^n built in
 // the exponent bits. Inputs are clamped to [-87, 88], where 2^n is a normal
 // float; NaN stays NaN.
 float exp_approx(float v) {
@@ -143,8 +142,12 @@ void run_threads(int64_t threads, int64_t tokens, int64_t d, float* out, Body bo
   for (auto& t : pool) t.join();
 }
 
-ffi::Error check(const Layout& lay, int64_t saved_cols) {
+// Checks the call's shapes and indices, then splits the experts over the
+// threads (*first: see split_experts).
+ffi::Error plan(const Layout& lay, int64_t saved_cols, int64_t chunk, int64_t threads,
+                std::vector<int64_t>* first) {
   if (lay.f * 2 != saved_cols) return ffi::Error::InvalidArgument("saved activations are not [P, 2F]");
+  if (chunk <= 0) return ffi::Error::InvalidArgument("chunk must be positive");
   for (int64_t e = 0; e < lay.experts; ++e) {
     if (lay.start_e[e] < 0 || lay.rows_e[e] < 0 || lay.start_e[e] + lay.rows_e[e] > lay.rows)
       return ffi::Error::InvalidArgument("an expert's rows lie outside the row buffer");
@@ -152,6 +155,9 @@ ffi::Error check(const Layout& lay, int64_t saved_cols) {
       if (lay.token_p[p] < 0 || lay.token_p[p] >= lay.tokens)
         return ffi::Error::InvalidArgument("a row's token index is out of range");
   }
+  static const bool once = (scipy_openblas_set_num_threads(1), true);  // we thread over experts
+  (void)once;
+  *first = split_experts(lay, thread_count(threads, lay.experts));
   return ffi::Error::Success();
 }
 
@@ -244,23 +250,16 @@ Layout make_layout(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& gate_p,
                 token_p.typed_data(), start_e.typed_data(), rows_e.typed_data()};
 }
 
-void single_blas_thread() {
-  static const bool once = (scipy_openblas_set_num_threads(1), true);
-  (void)once;
-}
-
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gate_p, ffi::Buffer<ffi::S32> token_p,
                    ffi::Buffer<ffi::S32> start_e, ffi::Buffer<ffi::S32> rows_e,
                    ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up,
                    ffi::Buffer<ffi::F32> w_down, int64_t chunk, int64_t threads,
                    ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> saved) {
   const Layout lay = make_layout(x, gate_p, token_p, start_e, rows_e, w_gate);
-  if (ffi::Error err = check(lay, saved->dimensions()[1]); !err.success()) return err;
-  if (chunk <= 0) return ffi::Error::InvalidArgument("chunk must be positive");
-  single_blas_thread();
-  const int64_t n = thread_count(threads, lay.experts);
-  const std::vector<int64_t> first = split_experts(lay, n);
-  run_threads(n, lay.tokens, lay.d, y->typed_data(), [&](int64_t i, float* acc) {
+  std::vector<int64_t> first;
+  if (ffi::Error err = plan(lay, saved->dimensions()[1], chunk, threads, &first); !err.success())
+    return err;
+  run_threads(first.size() - 1, lay.tokens, lay.d, y->typed_data(), [&](int64_t i, float* acc) {
     forward_experts(lay, chunk, first[i], first[i + 1], x.typed_data(), w_gate.typed_data(),
                     w_up.typed_data(), w_down.typed_data(), acc, saved->typed_data());
   });
@@ -276,13 +275,11 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Buff
                     ffi::ResultBuffer<ffi::F32> dw_gate, ffi::ResultBuffer<ffi::F32> dw_up,
                     ffi::ResultBuffer<ffi::F32> dw_down) {
   const Layout lay = make_layout(x, gate_p, token_p, start_e, rows_e, w_gate);
-  if (ffi::Error err = check(lay, saved.dimensions()[1]); !err.success()) return err;
-  if (chunk <= 0) return ffi::Error::InvalidArgument("chunk must be positive");
-  single_blas_thread();
-  const int64_t n = thread_count(threads, lay.experts);
-  const std::vector<int64_t> first = split_experts(lay, n);
+  std::vector<int64_t> first;
+  if (ffi::Error err = plan(lay, saved.dimensions()[1], chunk, threads, &first); !err.success())
+    return err;
   std::fill(dgate_p->typed_data(), dgate_p->typed_data() + lay.rows, 0.0f);  // rows of no expert
-  run_threads(n, lay.tokens, lay.d, dx->typed_data(), [&](int64_t i, float* acc) {
+  run_threads(first.size() - 1, lay.tokens, lay.d, dx->typed_data(), [&](int64_t i, float* acc) {
     backward_experts(lay, chunk, first[i], first[i + 1], x.typed_data(), dy.typed_data(),
                      saved.typed_data(), w_gate.typed_data(), w_up.typed_data(),
                      w_down.typed_data(), acc, dgate_p->typed_data(), dw_gate->typed_data(),
