@@ -4,8 +4,8 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 CONFIG ?= configs/tiny.py
 WORKDIR ?= runs/tiny
-# Transparent huge pages for malloc: 10-17% faster CPU training, no page fault
-# per buffer per step (docs/BENCHMARKS.md, "glibc's huge-page tunable");
+# Transparent huge pages for malloc: no page fault per large buffer per step
+# (docs/BENCHMARKS.md, "CPU memory: glibc's huge-page tunable");
 # ignored by glibc < 2.35 and where THP is off. Set GLIBC_TUNABLES to override.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 

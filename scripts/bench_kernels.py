@@ -1,4 +1,4 @@
-"""Benchmark of the Pallas grouped-matmul kernels and the MoE layer on them (M3).
+"""Benchmark of the Pallas grouped-matmul kernels and the MoE layer on them.
 
 Part 1, kernels: one expert projection at the MoE's shape, x[S, D] -> [S, F]
 with S = tokens * top_k rows sorted by expert (routing: softmax of random

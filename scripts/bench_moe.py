@@ -1,4 +1,4 @@
-"""Benchmark of the routed-expert dispatch against the dense-FLOPs limit (M2).
+"""Benchmark of the routed-expert dispatch against the dense-FLOPs limit.
 
 Measures, in one process, forward+backward time (jit, one warm-up run, median
 of reps; each rep right after a rep of dense_ffn, and the ratio to dense is
@@ -17,13 +17,14 @@ for when its buffers come from and go back to the OS) of:
                         and matmul shapes as the MoE, no routing (shape limit);
   capacity              dsmoe capacity dispatch (factor --capacity-factor);
   capacity_score        the same with drop_policy="score";
-  dropless_blocked      dsmoe dropless, blocked grouped matmul (--block-size),
-                        with the platform's strategy (CPU: the C++ kernel in
-                        float32 where it builds, else the fused XLA loop; GPU:
-                        batched matmuls); --other-strategy adds "batched" or
-                        "loop", whichever the platform does not use;
+  dropless_blocked      dsmoe dropless, blocked grouped matmul (--block-size);
+                        these three run strategy --strategy (default "auto":
+                        the platform's default; "kernel": the C++ CPU kernel,
+                        float32);
+                        --other-strategy adds "batched" or "loop", whichever
+                        that strategy is not;
   capacity_loop,        capacity and dropless with the fused XLA loop
-  dropless_loop         (strategy "loop"), whatever the platform's default;
+  dropless_loop         (strategy "loop"), whatever --strategy says;
   dropless_ragged_dot   dsmoe dropless, jax.lax.ragged_dot backend;
   naive_onehot_einsum   GShard-style dispatch/combine one-hot einsums [T,E,C];
   naive_ragged_dot      sort + take + lax.ragged_dot + segment_sum, plain autodiff.
@@ -33,6 +34,7 @@ The gradient is taken w.r.t. the tokens, the gate weights and all weights.
 
     python scripts/bench_moe.py                       # default shape, float32
     python scripts/bench_moe.py --dtype bfloat16 --json /tmp/moe.json
+    python scripts/bench_moe.py --strategy kernel     # the C++ CPU kernel
 
 --model instead times whole-model training (dsmoe.train.throughput): the real
 jitted train step of each given MoE config and of the dense config of equal
@@ -49,19 +51,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import resource
 import sys
 import time
 
-if any(a.startswith("--profile") for a in sys.argv):  # XLA:CPU records per-op events only with this flag
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_cpu_enable_xprof_traceme=true").strip()
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from dsmoe import dispatch  # noqa: E402  (needs neither ml_collections nor data)
@@ -175,28 +172,6 @@ def compile_case(fn, operands):
   return (lambda: compiled(*operands)), (temp / 2**20 if temp else float("nan")), compiled
 
 
-def print_profiles(runs: dict, compiled: dict, top: int = 0) -> dict:
-  """--profile: op time per kind of op (dsmoe.profiling), one traced run per
-  case; `top` > 0: also the `top` slowest instructions of that run."""
-  from dsmoe import profiling  # pylint: disable=g-import-not-at-top
-  out = {}
-  for name, run in runs.items():
-    jax.block_until_ready(run())
-    times = profiling.op_times(compiled[name], run)
-    kinds = profiling.breakdown(times)
-    total = sum(ms for ms, _ in kinds.values())
-    out[name] = {k: {"ms": ms, "ops": n} for k, (ms, n) in kinds.items()}
-    parts = "  ".join(f"{k} {ms:.1f} ({100 * ms / total:.0f}%, {n})"
-                      for k, (ms, n) in kinds.items() if ms >= 0.005 * total)
-    print(f"profile {name}: op time {total:.1f} ms = {parts}", flush=True)
-    if top:
-      out[name]["top_ops"] = profiling.slowest(times, top)
-      for op in out[name]["top_ops"]:
-        print(f"    {op['ms']:8.2f} ms {op['calls']:5d} calls  {op['kind']:20s} "
-              f"{op['type'][:40]:40s} {op['name']}")
-  return out
-
-
 def available_mib() -> float:
   """MemAvailable of /proc/meminfo in MiB (inf where there is none)."""
   try:
@@ -209,8 +184,9 @@ def available_mib() -> float:
   return float("inf")
 
 
-def print_goals(results: dict) -> None:
-  """The ratios the M12 goals are stated in (from the paired "x dense" medians)."""
+def print_summary(results: dict) -> None:
+  """Summary: x dense (the paired medians), x flat, and the speed-up over the
+  one-hot baseline, of the dropless and capacity cases."""
   x = {name: r["ratio_to_dense"] for name, r in results.items()}
   ms = {name: r["ms"] for name, r in results.items()}
   parts = []
@@ -222,7 +198,7 @@ def print_goals(results: dict) -> None:
       if "naive_onehot_einsum" in ms:
         parts[-1] += f", {ms['naive_onehot_einsum'] / ms[case]:.1f}x faster than one-hot"
   if parts:
-    print("goals: " + "; ".join(parts))
+    print("summary: " + "; ".join(parts))
 
 
 PAGE_MIB = resource.getpagesize() / 2**20
@@ -290,11 +266,11 @@ def cases(args):
   fast, slow = args.reps, args.slow_reps
   bs, cf = args.block_size, args.capacity_factor
 
-  def cap(policy="position", strategy="auto"):
+  def cap(policy="position", strategy=args.strategy):
     return lambda x, i, wt, p: capacity.dispatch(x, i, wt, p, factor=cf, policy=policy,
                                                  strategy=strategy).y_td
 
-  def drop(backend="blocked", strategy="auto"):
+  def drop(backend="blocked", strategy=args.strategy):
     return lambda x, i, wt, p: dropless.dispatch(x, i, wt, p, backend=backend,
                                                  strategy=strategy, block_size=bs).y_td
 
@@ -315,8 +291,9 @@ def cases(args):
     for name, fuse_max in (("fused", 1 << 30), ("split", 0)):
       table[f"dropless_blocked_{name}"] = (_loop_gate_up(drop(strategy="loop"), fuse_max),
                                            "moe", fast)
-  if args.other_strategy:  # the blocked strategy this platform does not use
-    other = "batched" if dropless.resolve_strategy("auto") in dropless.LOOP_STRATEGIES else "loop"
+  if args.other_strategy:  # the blocked strategy --strategy does not resolve to
+    resolved = dropless.resolve_strategy(args.strategy)
+    other = "batched" if resolved in dropless.LOOP_STRATEGIES else "loop"
     table[f"dropless_blocked_{other}"] = (drop(strategy=other), "moe", fast)
     table[f"capacity_{other}"] = (cap(strategy=other), "moe", fast)
   return table
@@ -336,9 +313,12 @@ def parse_args(argv=None):
   p.add_argument("--block-size", type=int, default=0,
                  help="rows per block of the blocked backend (0: chosen from the shape)")
   p.add_argument("--capacity-factor", type=float, default=1.25)
+  p.add_argument("--strategy", default="auto", choices=["auto", "loop", "kernel", "batched"],
+                 help="gmm_strategy of capacity, capacity_score and dropless_blocked "
+                      "(auto: the platform's default; kernel: the C++ CPU kernel)")
   p.add_argument("--other-strategy", action="store_true",
-                 help="also time the blocked strategy this platform does not use by "
-                      "default ('batched' on CPU, 'loop' elsewhere)")
+                 help="also time the blocked strategy --strategy does not resolve to "
+                      "('batched' for loop or kernel, else 'loop')")
   p.add_argument("--loop-gate-up-both", action="store_true",
                  help="add the CPU loop with gate/up as one fused matmul and as two "
                       "(dropless_blocked_fused, dropless_blocked_split)")
@@ -346,12 +326,6 @@ def parse_args(argv=None):
   p.add_argument("--only", default="", help="comma-separated subset of case names")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default="", help="write the results to this file")
-  p.add_argument("--profile", action="store_true",
-                 help="also trace one run of each case and print its op time per kind "
-                      "of op (matmul, gather, scatter-add, zeros, copy, ...; ms, %%, ops)")
-  p.add_argument("--profile-top", type=int, default=0, metavar="N",
-                 help="--profile, and list each case's N slowest HLO instructions "
-                      "(ms per run, executions, kind, result type)")
   p.add_argument("--model", default="",
                  help="comma-separated MoE configs (dsmoe.load names, e.g. "
                       "ablation:deepseekmoe): whole-model training next to the dense "
@@ -421,18 +395,18 @@ def main(argv=None):
   shape["pass"] = "forward" if args.forward_only else "forward+backward"
   print(f"shape {shape}  jax {jax.__version__}", flush=True)
   only = set(filter(None, args.only.split(",")))
-  runs, reps, temp_mb, compiled = {}, {}, {}, {}
+  runs, reps, temp_mb = {}, {}, {}
   for name, (layer, which, n) in cases(args).items():
     if only and name not in only and name != "dense_ffn":
       continue
     params = dense_w if which == "dense" else experts
-    run, temp, comp = compile_case(grad_fn(layer, probe_td, args.forward_only),
+    run, temp, _ = compile_case(grad_fn(layer, probe_td, args.forward_only),
                                    (x_td, weight_tk, params, idx_tk))
     free = available_mib()
     if temp > 0.8 * free:
       print(f"{name}: skipped, needs {temp:.0f} MiB of temporaries, {free:.0f} MiB available")
       continue
-    runs[name], temp_mb[name], compiled[name], reps[name] = run, temp, comp, n
+    runs[name], temp_mb[name], reps[name] = run, temp, n
   ms = measure_all(runs, reps)
   results = {}
   print(f"{'case':26s} {'ms':>9s} {'min ms':>9s} {'x dense':>8s} {'ms/dense':>8s} "
@@ -445,12 +419,10 @@ def main(argv=None):
                      "system_ms": sys_ms, "fresh_page_mib": fresh, "reps": reps[name]}
     print(f"{name:26s} {med:9.1f} {low:9.1f} {ratio:8.2f} {med / ms['dense_ffn'][0]:8.2f} "
           f"{cpu_ratio:6.2f} {temp_mb[name]:9.1f} {sys_ms:7.1f} {fresh:9.1f}  {reps[name]}")
-  print_goals(results)
-  profiles = (print_profiles(runs, compiled, args.profile_top)
-              if args.profile or args.profile_top else {})
+  print_summary(results)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(
-        {"shape": shape, "results": results, "profiles": profiles}, indent=1))
+        {"shape": shape, "results": results}, indent=1))
   return results
 
 

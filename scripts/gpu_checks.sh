@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All GPU checks of one device session (see docs/BENCHMARKS.md). Sections:
+# All GPU checks in one script (docs/BENCHMARKS.md, "Running the checks on a GPU"). Sections:
 #   dispatch  the model / dispatch tests under the GPU machine's JAX (0.11.x,
 #             CUDA), then the MoE dispatch benchmark (default shape in float32
 #             and bfloat16, one DeepSeekMoE-16B-sized layer in bfloat16); ~10 min;

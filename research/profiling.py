@@ -16,9 +16,9 @@ conditionals are containers (their bodies' ops are counted instead).
 
 XLA:CPU records these events only with the flag
 ``--xla_cpu_enable_xprof_traceme=true`` in XLA_FLAGS, set before jax is
-imported (scripts/bench_moe.py --profile does). The sums are op time, not
-wall time: ops that run concurrently on several threads all count, and the
-time between ops (dispatch, waiting for a thread) does not.
+imported. The sums are op time, not wall time: ops that run concurrently on
+several threads all count, and the time between ops (dispatch, waiting for a
+thread) does not.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Four facts about XLA:CPU that the M12 analysis (docs/BENCHMARKS.md) rests on.
+"""Four facts about XLA:CPU behind the CPU expert loop's design (dsmoe/dispatch/expert_loop.py).
 
-    python scripts/bench_xla_cpu_facts.py            # all four, fact 4 at the narrower shape
-    python scripts/bench_xla_cpu_facts.py --facts 4 --experts 64 --hidden 256 --top-k 6
+    python research/bench_xla_cpu_facts.py            # all four, fact 4 at the narrower shape
+    python research/bench_xla_cpu_facts.py --facts 4 --experts 64 --hidden 256 --top-k 6
 
 1. Zero-filling a loop-carried f32 buffer: cheap below 32 MiB, ~0.25 ms per
    MiB above (allocations of 32 MiB and more are fresh pages that fault on
@@ -14,7 +14,7 @@
    product with each weight transposed beforehand ([256, 512], plain
    matmul): whether the transposed operand itself is slow.
 4. The matmul rate (GFLOP/s) of the six products of a SwiGLU layer's
-   forward and backward at the narrower M12 shape, per expert (128 experts x
+   forward and backward at the narrower shape, per expert (128 experts x
    384 rows, hidden 128) and at the dense FFN's shapes (4096 rows, hidden
    1536): what the matmuls alone cost at each shape, with no routing (per
    expert: the weight slice and the product, nothing else).

@@ -1,6 +1,6 @@
 """What each piece of the CPU expert loop's data movement costs, in wall time.
 
-    python scripts/ablate_expert_loop.py --experts 128 --expert-hidden 128 --top-k 12
+    python research/ablate_expert_loop.py --experts 128 --expert-hidden 128 --top-k 12
 
 Each variant is dsmoe/dispatch/expert_loop.py with one piece of work
 removed or replaced by a contiguous, index-free stand-in of the same size,
