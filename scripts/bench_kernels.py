@@ -16,11 +16,7 @@ for three implementations:
 TFLOP/s counts the useful FLOPs 2*S*D*F for all three (pallas also
 multiplies the padding rows).
 
-Part 2, permute / unpermute forward + backward at the same shape: the Triton
-kernels of pallas_kernels/permute against the XLA gathers the MoE dispatch
-uses (dsmoe/dispatch/permute.py); both have gather-only backwards.
-
-Part 3, the routed-expert layer, forward + backward (w.r.t. tokens, gates and
+Part 2, the routed-expert layer, forward + backward (w.r.t. tokens, gates and
 all expert weights) of dsmoe.dispatch.dropless with gmm_backend "pallas",
 "ragged_dot" and "blocked" + strategy "batched", and `dense_ffn` (a SwiGLU FFN
 of hidden top_k * expert_hidden: the same activated FLOPs).
@@ -51,9 +47,6 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from dsmoe.dispatch import ExpertWeights, dropless  # noqa: E402
-from dsmoe.dispatch import layout as layout_lib  # noqa: E402
-from dsmoe.dispatch import permute as xla_permute  # noqa: E402
-from pallas_kernels import permute as pallas_permute  # noqa: E402
 from pallas_kernels.gmm import Tiling, gmm, tgmm  # noqa: E402
 
 SHAPES = {  # tokens, d_model, experts, expert_hidden, top_k
@@ -149,58 +142,6 @@ def measure(fn, operands, reps: int) -> float:
     return float("nan")
 
 
-def permute_cases(shape, dtype, block: int):
-  """{case: {impl: (fn, operands)}}: permute and unpermute, forward + backward."""
-  t, d, e, _, k = shape
-  keys = jax.random.split(jax.random.key(2), 4)
-  idx_tk, weight_tk = routing(keys[0], t, e, k)
-  lay = layout_lib.blocked_layout(idx_tk, e, block)
-  p = lay.token_p.shape[0]
-  x_td = jax.random.normal(keys[1], (t, d), jnp.float32).astype(dtype)
-  y_pd = jax.random.normal(keys[2], (p, d), jnp.float32).astype(dtype)
-  dy_td = jax.random.normal(keys[3], (t, d), jnp.float32).astype(dtype)
-
-  def perm(fn):
-    def run(x, dx_pd):
-      x_pd, vjp = jax.vjp(fn, x)
-      return x_pd, vjp(dx_pd)
-    return run
-
-  def unperm(fn):
-    def run(y, w, dy):
-      y_td, vjp = jax.vjp(fn, y, w)
-      return y_td, vjp(dy)
-    return run
-
-  maps = (lay.row_tk, lay.token_p, lay.pair_p)
-  return {
-      "permute fwd+bwd": {
-          "pallas": (perm(lambda x: pallas_permute.permute(x, lay.token_p, lay.row_tk,
-                                                           kernel="triton")), (x_td, y_pd)),
-          "xla": (perm(lambda x: xla_permute.permute(x, lay.token_p, lay.row_tk,
-                                                     may_drop=False)), (x_td, y_pd))},
-      "unpermute fwd+bwd": {
-          "pallas": (unperm(lambda y, w: pallas_permute.unpermute(y, w, *maps, kernel="triton")),
-                     (y_pd, weight_tk, dy_td)),
-          "xla": (unperm(lambda y, w: xla_permute.combine(y, w, *maps, may_drop=False)),
-                  (y_pd, weight_tk, dy_td))},
-  }
-
-
-def run_permute(args, shape, dtype) -> list[dict]:
-  print(f"\n## permute / unpermute fwd+bwd: T={shape[0]}, top-{shape[4]}, D={shape[1]}, "
-        f"{dtype.name}, blocks of {args.block}")
-  print("| case | impl | ms | pallas speed-up |")
-  print("|---|---|---:|---:|")
-  rows = []
-  for case, impls in permute_cases(shape, dtype, args.block).items():
-    ms = {impl: measure(fn, operands, args.reps) for impl, (fn, operands) in impls.items()}
-    for impl, t in ms.items():
-      rows.append(dict(part="permute", case=case, impl=impl, ms=t))
-      print(f"| {case} | {impl} | {t:.3f} | {t / ms['pallas']:.2f} |")
-  return rows
-
-
 def dense_ffn(x_td, w_gate_df, w_up_df, w_down_fd):
   g = x_td @ w_gate_df.astype(x_td.dtype)  # [T,K*F]
   u = x_td @ w_up_df.astype(x_td.dtype)  # [T,K*F]
@@ -262,7 +203,7 @@ def main():
   parser.add_argument("--block", type=int, default=dropless.PALLAS_BLOCK,
                       help="rows per expert block = the kernels' row tile")
   parser.add_argument("--reps", type=int, default=20)
-  parser.add_argument("--only", choices=["kernels", "permute", "layer"], default=None)
+  parser.add_argument("--only", choices=["kernels", "layer"], default=None)
   parser.add_argument("--json", default="", help="also write the rows here")
   args = parser.parse_args()
   shape, dtype = SHAPES[args.shape], jnp.dtype(args.dtype)
@@ -270,7 +211,7 @@ def main():
   meta = dict(shape=args.shape, dtype=args.dtype, block=args.block, jax=jax.__version__,
               device=jax.devices()[0].device_kind)
   rows = []
-  for part, run in (("kernels", run_kernels), ("permute", run_permute), ("layer", run_layer)):
+  for part, run in (("kernels", run_kernels), ("layer", run_layer)):
     if args.only in (None, part):
       rows += run(args, shape, dtype)
       if args.json:  # after every part: a run cut short keeps what it measured

@@ -5,7 +5,7 @@
 #             and bfloat16, one DeepSeekMoE-16B-sized layer in bfloat16); ~10 min;
 #   kernels   the Pallas kernel tests (Triton kernels compiled on the GPU;
 #             the TPU kernels only through their lowering tests), then scripts/bench_kernels.py (gmm,
-#             permute / unpermute, the routed layer) at the 16B and 2B shapes
+#             the routed layer) at the 16B and 2B shapes
 #             in bfloat16; ~5 min;
 #   all       both (too long for one 10-minute device command: run them apart).
 # Usage (repo root, on a machine with a GPU): bash scripts/gpu_checks.sh [OUTDIR] [SECTION]
@@ -41,7 +41,7 @@ dispatch_checks() {
 kernel_checks() {
   echo "== Pallas kernel tests on the GPU (Triton kernels compiled; the interpreted Mosaic cases skipped)"
   timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_gmm.py \
-    tests/test_pallas_permute.py tests/test_pallas_export.py \
+    tests/test_pallas_export.py \
     "tests/test_moe.py::test_dropless_equals_dense_forward_and_gradients" \
     -k "not mosaic and not bench_kernels" 2>&1 | tail -15
   echo "== bench_kernels: 16B shape (16384 tokens x top-6, d 2048, 64 experts of 1408), bfloat16"
