@@ -38,6 +38,7 @@ GShard > DeepSeekMoE, and GShard > +shared > m=2 > m=4.
 """
 
 from dsmoe.config import base_config
+from dsmoe.errors import ConfigError
 
 D_MODEL = 128
 FFN = 352  # the standard FFN: 2.75 x d_model (the 16B model's ratio)
@@ -62,7 +63,7 @@ VARIANTS = (*DENSE_VARIANTS, *MOE_VARIANTS)
 def get_config(arg=None):
   variant = arg or "deepseekmoe"
   if variant not in VARIANTS:
-    raise ValueError(f"configs/ablation.py: unknown variant {variant!r}; "
+    raise ConfigError(f"configs/ablation.py: unknown variant {variant!r}; "
                      f"expected one of {list(VARIANTS)}")
   c = base_config()
   m = c.model

@@ -16,7 +16,7 @@ MoE sizes can be given in two ways:
   one, so ``--config.model.moe.num_routed_experts=32`` works on any config.
 
 :func:`validate` checks every rule before anything is traced and raises one
-``ValueError`` naming the key and the rule.
+:class:`dsmoe.errors.ConfigError` naming the key and the rule.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from dsmoe.errors import ConfigError
 from dsmoe.spec import MoESpec, ModelSpec, Spec
 
 IMPLS = ("dense", "dropless", "capacity")
@@ -41,6 +42,7 @@ DROP_POLICIES = ("position", "score")
 DTYPES = ("float32", "bfloat16")
 EXPLICIT_SIZES = ("num_routed_experts", "num_shared_experts", "top_k", "expert_hidden")
 SCHEDULES = ("paper_step", "cosine", "constant")
+SHIPPED_CONFIGS = "dsmoe.configs"  # the repository's configs/ folder, installed under dsmoe
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -183,20 +185,12 @@ def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   `name` is a path (``"configs/ablation.py"``) or the name of a config shipped
   with the package (``"tiny"``, ``"ablation"``); ``"name:arg"`` also gives the
   argument, as on the command line (``load("ablation:gshard")``). Shipped
-  names resolve from the installed ``configs`` package, not from the current
-  folder.
+  names resolve from the installed ``dsmoe.configs`` package (the
+  repository's ``configs/`` folder), never from the current folder.
   """
   if arg is None and ":" in name and not os.path.exists(name):
     name, arg = name.rsplit(":", 1)
-  path = name if name.endswith(".py") or os.sep in name else None
-  if path is None:
-    spec = importlib.util.find_spec(f"configs.{name}")
-    if spec is None or spec.origin is None:
-      raise FileNotFoundError(f"no config named {name!r}; shipped configs: "
-                              f"{', '.join(shipped_configs())}")
-    path = spec.origin
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path!r} does not exist")
+  path = config_file(name)
   mod_spec = importlib.util.spec_from_file_location(
       f"dsmoe_config_{os.path.splitext(os.path.basename(path))[0]}", path)
   module = importlib.util.module_from_spec(mod_spec)
@@ -204,16 +198,38 @@ def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   return module.get_config(arg)
 
 
+def config_file(name: str) -> str:
+  """The path of config `name`: a path as given, or a shipped config's file."""
+  path = name if name.endswith(".py") or os.sep in name else None
+  if path is None:
+    path = os.path.join(_shipped_folder(), f"{name}.py")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"no config named {name!r}; shipped configs: "
+                              f"{', '.join(shipped_configs())}")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  return path
+
+
+def _shipped_folder() -> str:
+  """The folder of the ``dsmoe.configs`` package (found, not imported: the
+  config files are read by path); in a source checkout that was not
+  installed, the ``configs/`` folder next to the dsmoe package."""
+  spec = importlib.util.find_spec(SHIPPED_CONFIGS)
+  if spec is not None and spec.submodule_search_locations:
+    return list(spec.submodule_search_locations)[0]
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
 def shipped_configs() -> list[str]:
-  """Names of the config files in the installed ``configs`` package."""
-  import configs  # pylint: disable=g-import-not-at-top
-  folder = os.path.dirname(configs.__file__)
+  """Names of the config files shipped in ``dsmoe.configs``."""
+  folder = _shipped_folder()
   return sorted(f[:-3] for f in os.listdir(folder)
                 if f.endswith(".py") and not f.startswith("_"))
 
 
 def _fail(key: str, rule: str, value) -> None:
-  raise ValueError(f"config.{key}={value!r} is invalid: {rule}")
+  raise ConfigError(f"config.{key}={value!r} is invalid: {rule}")
 
 
 def _positive(cfg, prefix: str, keys) -> None:
@@ -270,7 +286,7 @@ def _validate_moe_sizes(e) -> tuple[int, int, int, int]:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises one ValueError naming the first key that breaks a rule."""
+  """Raises one ConfigError naming the first key that breaks a rule."""
   m, e, d, t = config.model, config.model.moe, config.data, config.train
   _positive(m, "model", ("vocab_size", "d_model", "num_layers", "num_heads",
                          "dense_hidden", "moe_layer_freq", "rope_theta",

@@ -1,12 +1,20 @@
 """Expected failures and how each is told to the user: one line.
 
-Library code raises ordinary exceptions whose message is one line naming the
-key or path and what to do: ``ValueError`` for a bad config, data or
-checkpoint (:class:`dsmoe.train.checkpoint.CheckpointError` is one),
-``OSError`` from the file system, :class:`WorkdirError` for a busy or
-unusable workdir. :func:`describe` turns any expected failure into that line
-(and returns None for a bug, which keeps its traceback); :mod:`dsmoe.cli`
-prints it as ``error: ...`` as the last line of a script.
+Every deliberate failure of the library is a :class:`UserError`, whose
+message is one line naming the key or path and what to do:
+
+  ConfigError      a config key, flag or setting breaks a rule
+  DataError        the data cannot be read, or does not fit the config
+  CheckpointError  a checkpoint is missing, unreadable or does not match
+  HFFormatError    a HuggingFace checkpoint dsmoe cannot import or export
+                   (dsmoe.interop: HFConfigError, SafetensorsError)
+  WorkdirError     the workdir is busy, not writable or full
+
+:func:`describe` turns a UserError or an ``OSError`` from the file system
+into that line, and returns None for anything else: a bug (a plain
+``ValueError``, a shape mismatch in JAX, ...) keeps its traceback.
+:mod:`dsmoe.cli` prints the line as ``error: ...``, the last of a script.
+``UserError`` is a ``ValueError``, so ``except ValueError`` still catches it.
 
 Messages of TensorStore (under Orbax checkpoints) embed the whole JSON spec
 of the array, dozens of lines; :func:`short` keeps the first line and names
@@ -24,7 +32,27 @@ NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 MAX_CHARS = 1000  # a longer message (from a library) is cut here
 
 
-class WorkdirError(RuntimeError):
+class UserError(ValueError):
+  """A deliberate failure whose message says what to change (no traceback)."""
+
+
+class ConfigError(UserError):
+  """A config key, command-line flag or setting is invalid."""
+
+
+class DataError(UserError):
+  """The data cannot be read, or does not fit the config."""
+
+
+class CheckpointError(UserError):
+  """A checkpoint is missing, unreadable or does not match the config."""
+
+
+class HFFormatError(UserError):
+  """An HF checkpoint that dsmoe cannot import (names the key or tensor)."""
+
+
+class WorkdirError(UserError):
   """The workdir cannot be used: another run holds it, or it is not writable."""
 
 
@@ -88,12 +116,13 @@ def describe_os_error(exc: OSError) -> str:
 
 
 def describe(exc: BaseException) -> str | None:
-  """The one-line message of an expected failure; None for anything else."""
+  """The one-line message of an expected failure (a UserError, a file-system
+  OSError, an interrupt, device memory exhausted); None for anything else."""
   if isinstance(exc, KeyboardInterrupt):
     return "interrupted"
   if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
     return describe_os_error(exc)
-  if isinstance(exc, (ValueError, WorkdirError, FloatingPointError)):
+  if isinstance(exc, UserError):
     if is_disk_full(exc) and "disk full" not in str(exc):
       return f"disk full: {short(exc)}"
     return short(exc)

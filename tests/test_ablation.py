@@ -66,8 +66,8 @@ def test_every_variant_resolves_and_uses_sentencepiece_8k():
 
 
 def ablation_variants():
-  import configs.ablation  # pylint: disable=g-import-not-at-top
-  return configs.ablation.VARIANTS
+  from dsmoe.configs import ablation as variants  # pylint: disable=g-import-not-at-top
+  return variants.VARIANTS
 
 
 TINY = ["--config.model.d_model=16", "--config.model.num_layers=1", "--config.model.num_heads=2",

@@ -102,6 +102,55 @@ def test_missing_workdir_flag(tmp_path):
   _error(_run(cmd), "--workdir is required", code=2)
 
 
+# A script run through dsmoe.cli whose main either hits a bug in library code
+# (arrays of the wrong shape reach dsmoe.train.step: JAX raises a plain
+# ValueError) or raises a deliberate ConfigError.
+BUG_OR_MISTAKE = """
+import jax.numpy as jnp
+from dsmoe import cli
+from dsmoe.errors import ConfigError
+from dsmoe.train import step
+
+def main(argv):
+  if argv[1] == "bug":
+    step.cross_entropy(jnp.zeros((2, 3, 5)), jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 4)))
+  elif argv[1] == "plain":
+    raise ValueError("a plain ValueError is a bug, not a mistake of the user")
+  raise ConfigError("config.train.steps=-1 is invalid: must be a positive number")
+
+cli.run(main)
+"""
+
+
+def test_a_bug_keeps_its_traceback_and_a_config_error_is_one_line(tmp_path):
+  script = tmp_path / "script.py"
+  script.write_text(BUG_OR_MISTAKE)
+  bug = _run([sys.executable, str(script), "bug"])
+  assert bug.returncode == 1, bug.stdout[-3000:]
+  assert "Traceback" in bug.stdout and "Incompatible shapes" in bug.stdout, bug.stdout[-3000:]
+  assert f"{os.sep}dsmoe{os.sep}train{os.sep}step.py\", line " in bug.stdout  # file and line
+  assert not any(line.startswith("error: ") for line in bug.stdout.split("\n"))
+  plain = _run([sys.executable, str(script), "plain"])
+  assert plain.returncode == 1 and "Traceback" in plain.stdout, plain.stdout[-3000:]
+  assert plain.stdout.rstrip("\n").split("\n")[-1] == (
+      "ValueError: a plain ValueError is a bug, not a mistake of the user")
+  _error(_run([sys.executable, str(script), "mistake"]),
+         "error: config.train.steps=-1 is invalid: must be a positive number")
+
+
+def test_describe_knows_only_user_errors_and_file_system_errors():
+  import errno  # pylint: disable=g-import-not-at-top
+  from dsmoe import errors  # pylint: disable=g-import-not-at-top
+  for cls in (errors.ConfigError, errors.DataError, errors.CheckpointError,
+              errors.HFFormatError, errors.WorkdirError):
+    assert issubclass(cls, errors.UserError) and issubclass(cls, ValueError)
+    assert errors.describe(cls("the key: what to do")) == "the key: what to do"
+  assert errors.describe(OSError(errno.ENOENT, "No such file", "/x")) == "/x does not exist"
+  for bug in (ValueError("Size of label 'b' for operand 1 (4) does not match"),
+              TypeError("x"), FloatingPointError("nan"), KeyError("k")):
+    assert errors.describe(bug) is None
+
+
 def test_invalid_config_value_is_one_line(tmp_path):
   _error(_run(_cmd("train.py", tmp_path / "run", {**RUN, "train.steps": -1})),
          "config.train.steps=-1 is invalid: must be a positive number")

@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from dsmoe.data.evalset import mean_and_se
+from dsmoe.errors import UserError
 
 CSV_COLUMNS = ("variant", "seed", "steps", "total_params", "activated_params",
                "flops_per_token", "tokens_seen", "eval_loss", "eval_loss_se",
@@ -157,12 +158,12 @@ BEGIN, END = "<!-- ablation-results:begin -->", "<!-- ablation-results:end -->"
 def update_doc(path: str, table: str) -> None:
   """Replaces the text between the BEGIN and END markers of `path` with `table`.
 
-  Raises ValueError when the file lacks the markers.
+  Raises UserError when the file lacks the markers.
   """
   with open(path) as f:
     text = f.read()
   if BEGIN not in text or END not in text.split(BEGIN, 1)[1]:
-    raise ValueError(f"{path} has no '{BEGIN}' ... '{END}' section to update")
+    raise UserError(f"{path} has no '{BEGIN}' ... '{END}' section to update")
   head, rest = text.split(BEGIN, 1)
   tail = rest.split(END, 1)[1]
   with open(path, "w") as f:

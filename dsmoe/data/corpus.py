@@ -21,6 +21,8 @@ import re
 import stat
 import sysconfig
 
+from dsmoe.errors import DataError
+
 STDLIB_GLOBS = ("*.py",)
 # Folders never read: installed packages, caches and version control.
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", ".git"})
@@ -62,7 +64,7 @@ def parse_globs(file_glob: str, is_default: bool) -> tuple[str, ...]:
 def list_corpus(text_dir: str, file_glob: str = "") -> Corpus:
   """Lists the files of `text_dir` ("" : the stdlib source) matching `file_glob`.
 
-  Raises FileNotFoundError for a missing directory and ValueError for an
+  Raises FileNotFoundError for a missing directory and DataError for an
   empty one or one without files matching the patterns. Entries that are
   not regular files, or cannot be examined (a broken symbolic link, no
   permission), are set aside in ``Corpus.unreadable``.
@@ -75,7 +77,7 @@ def list_corpus(text_dir: str, file_glob: str = "") -> Corpus:
     raise FileNotFoundError(f"{key}: directory {root!r} does not exist; "
                             "expected a directory of text files")
   if not os.path.isdir(root):
-    raise ValueError(f"{key}: {root!r} is a file, expected a directory of text files")
+    raise DataError(f"{key}: {root!r} is a file, expected a directory of text files")
   found_any, files, unreadable = False, [], []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
@@ -86,9 +88,9 @@ def list_corpus(text_dir: str, file_glob: str = "") -> Corpus:
       rel = os.path.relpath(os.path.join(dirpath, name), root)
       (files if _regular(os.path.join(root, rel)) else unreadable).append(rel)
   if not found_any:
-    raise ValueError(f"{key}: directory {root!r} is empty; expected text files")
+    raise DataError(f"{key}: directory {root!r} is empty; expected text files")
   if not files and not unreadable:
-    raise ValueError(f"{key}: directory {root!r} has no files matching "
+    raise DataError(f"{key}: directory {root!r} has no files matching "
                      f"{','.join(globs)} (data.file_glob); change data.file_glob, "
                      "or set it to '' to read every text file")
   return Corpus(root, tuple(sorted(files)), globs, is_default, tuple(sorted(unreadable)))
@@ -168,7 +170,7 @@ class Selection:
 def select_text_files(corpus: Corpus) -> Selection:
   """Reads every candidate; keeps those holding UTF-8 text.
 
-  Raises ValueError when no file remains.
+  Raises DataError when no file remains.
   """
   good, binary, empty, unreadable = [], 0, 0, list(corpus.unreadable)
   for rel in corpus.files:
@@ -187,7 +189,7 @@ def select_text_files(corpus: Corpus) -> Selection:
   sel = Selection(tuple(good), binary, empty, tuple(unreadable))
   matching = f" matching {','.join(corpus.globs)}" if corpus.globs else ""
   if not good:
-    raise ValueError(
+    raise DataError(
         f"data.text_dir: all {sel.skipped} files{matching} in {corpus.root!r} were "
         f"skipped ({sel.summary()}); expected UTF-8 text files")
   return sel

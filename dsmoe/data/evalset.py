@@ -31,6 +31,7 @@ import numpy as np
 
 from dsmoe.data import sources
 from dsmoe.data.pipeline import Encode, make_tokenizer
+from dsmoe.errors import ConfigError, DataError
 
 SEED = 0  # fixed: the set never depends on train.seed
 
@@ -81,7 +82,7 @@ class EvalSet:
     positions [B/P, L] and doc [B/P].
     """
     if batch_size % process_count:
-      raise ValueError(f"train.batch_size={batch_size} must be divisible by the "
+      raise ConfigError(f"train.batch_size={batch_size} must be divisible by the "
                        f"number of processes ({process_count})")
     total = self.num_batches(batch_size)
     n = total if num_batches is None else min(num_batches, total)
@@ -132,7 +133,7 @@ def build_eval_set(texts, encode, *, seq_len: int, max_tokens: int,
     names.append(name)
     scored += take
   if not parts:
-    raise ValueError("the validation split holds no document of two or more "
+    raise DataError("the validation split holds no document of two or more "
                      "tokens: no evaluation set can be built")
   cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   order = np.random.default_rng(SEED).permutation(len(cat["doc_r"]))

@@ -33,6 +33,7 @@ import shutil
 import tensorflow_datasets as tfds
 
 from dsmoe.data import corpus as corpus_lib
+from dsmoe.errors import DataError
 
 VERSION = "1.0.0"
 
@@ -134,7 +135,7 @@ def local_text_builder(text_dir: str, data_dir: str, *, file_glob: str = "",
                        validation_percent: float = 5.0) -> LocalText:
   """Returns the prepared `local_text` builder of `text_dir`, building it if needed.
 
-  Raises FileNotFoundError/ValueError (naming the directory) for a missing
+  Raises FileNotFoundError/DataError (naming the directory) for a missing
   or empty directory, no matching files, or no UTF-8 text at all. Binary,
   empty and unreadable files are skipped and counted in the log. A cached
   build whose files do not match the sizes recorded when it was built is
@@ -167,7 +168,7 @@ def local_text_builder(text_dir: str, data_dir: str, *, file_glob: str = "",
                     sel.skipped, len(corpus.files) + len(corpus.unreadable), corpus.root,
                     sel.summary(), len(sel.files))
   if all(corpus_lib.split_of(f, validation_percent) != "train" for f in sel.files):
-    raise ValueError(f"data.validation_percent={validation_percent}: all {len(sel.files)} "
+    raise DataError(f"data.validation_percent={validation_percent}: all {len(sel.files)} "
                      f"text files of {corpus.root!r} fall in the validation split; "
                      "add files or lower data.validation_percent")
   builder = make(sel.files)

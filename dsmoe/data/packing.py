@@ -30,13 +30,15 @@ from typing import Any
 import grain
 import numpy as np
 
+from dsmoe.errors import DataError
+
 
 class PackIterDataset(grain.IterDataset):
   """Rows of `seq_len` packed tokens from a parent of 1-D int32 documents.
 
   `docs_per_epoch` bounds how many documents one row may need: if a full
   epoch of documents yields fewer than ``seq_len + 1`` tokens the corpus is
-  shorter than one sequence and iteration raises ValueError.
+  shorter than one sequence and iteration raises DataError.
   """
 
   def __init__(self, parent: grain.IterDataset, seq_len: int, docs_per_epoch: int):
@@ -73,7 +75,7 @@ class PackIterator(grain.DatasetIterator):
     while n > 0:
       if self._offset >= len(self._doc):
         if fetched > self._docs_per_epoch:
-          raise ValueError(
+          raise DataError(
               f"the corpus is shorter than one sequence: a whole epoch of "
               f"{self._docs_per_epoch} documents holds fewer than "
               f"data.seq_len+1={self._seq_len + 1} tokens; use a larger corpus "

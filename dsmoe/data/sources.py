@@ -41,7 +41,7 @@ class Source:
         return name
     hint = (" (a small local_text corpus may have no validation files: raise "
             "data.validation_percent)" if self.key == "data.text_dir" else "")
-    raise ValueError(f"{self.key}: dataset {self.dataset_id!r} has no split "
+    raise errors.DataError(f"{self.key}: dataset {self.dataset_id!r} has no split "
                      f"{split!r}; it has {available}{hint}")
 
   def data_source(self, split: str):
@@ -49,7 +49,7 @@ class Source:
     try:
       records = self.builder.as_data_source(split=self.split_name(split))
     except NotImplementedError:
-      raise ValueError(
+      raise errors.DataError(
           f"{self.key}: dataset {self.dataset_id!r} in {self.builder.data_dir!r} "
           "is not in the array_record format, which random access needs; prepare "
           "it again with file_format='array_record'") from None
@@ -61,7 +61,7 @@ class Source:
 
 class Records:
   """A TFDS data source whose read errors (a damaged array_record file) are
-  one ValueError naming the dataset, its folder and what to do."""
+  one DataError naming the dataset, its folder and what to do."""
 
   def __init__(self, records, where: str, fix: str):
     self._records, self._where, self._fix = records, where, fix
@@ -73,7 +73,7 @@ class Records:
     try:
       return self._records[index]
     except (RuntimeError, OSError) as e:
-      raise ValueError(f"{self._where}: record {index} cannot be read ({errors.short(e)}); "
+      raise errors.DataError(f"{self._where}: record {index} cannot be read ({errors.short(e)}); "
                        f"the files are damaged: {self._fix}") from e
 
 
@@ -94,7 +94,7 @@ def named_source(name: str, data_dir: str, text_key: str) -> Source:
   try:
     builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
   except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(f"data.tfds_name={name!r}: TFDS has no dataset of that "
+    raise errors.DataError(f"data.tfds_name={name!r}: TFDS has no dataset of that "
                      "name (or its builder cannot be imported without "
                      "TensorFlow); check the name, e.g. 'lm1b', 'c4/en', "
                      "'tiny_shakespeare'") from None
@@ -111,7 +111,7 @@ def named_source(name: str, data_dir: str, text_key: str) -> Source:
         "the dataset again (see docs/DATA.md)")
   features = builder.info.features
   if text_key not in features:
-    raise ValueError(f"data.text_key={text_key!r}: dataset {name!r} has no such "
+    raise errors.DataError(f"data.text_key={text_key!r}: dataset {name!r} has no such "
                      f"feature; it has {sorted(features.keys())}")
   return Source(builder, text_key, key="data.tfds_name")
 

@@ -23,6 +23,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
+from dsmoe.errors import DataError
+
 TOKENIZERS = ("sentencepiece", "bytes")
 MAX_LINE_BYTES = 4096  # longer training lines are split (SentencePiece's limit)
 
@@ -128,7 +130,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, pad_id: int = 
         minloglevel=2)
   except RuntimeError as e:
     reason = " ".join(str(e).split()).rstrip(".")
-    raise ValueError(
+    raise DataError(
         f"data.vocab_size={vocab_size}: SentencePiece could not train {vocab_size} "
         f"pieces on the training text it was given ({sample.describe()}): {reason}. "
         "Use more training text, a smaller data.vocab_size (>= 300), or "
@@ -144,15 +146,15 @@ def load_sentencepiece(path: str, vocab_size: int, key: str = "data.tokenizer_pa
   with open(path, "rb") as f:
     proto = f.read()
   if not proto:
-    raise ValueError(f"{key}: {path!r} is empty, not a SentencePiece model")
+    raise DataError(f"{key}: {path!r} is empty, not a SentencePiece model")
   try:
     tok = SentencePieceTokenizer(proto)
   except (RuntimeError, OSError) as e:
-    raise ValueError(f"{key}: {path!r} is not a SentencePiece model ({e})") from None
+    raise DataError(f"{key}: {path!r} is not a SentencePiece model ({e})") from None
   if tok.vocab_size == 0:
-    raise ValueError(f"{key}: {path!r} is not a SentencePiece model (no pieces)")
+    raise DataError(f"{key}: {path!r} is not a SentencePiece model (no pieces)")
   if tok.vocab_size != vocab_size:
-    raise ValueError(f"{key}: SentencePiece model {path!r} has {tok.vocab_size} "
+    raise DataError(f"{key}: SentencePiece model {path!r} has {tok.vocab_size} "
                      f"pieces but data.vocab_size={vocab_size}; set data.vocab_size="
                      f"{tok.vocab_size} or use a matching tokenizer file")
   return tok
@@ -182,7 +184,7 @@ def cached_sentencepiece(path: str, train_texts: Callable[[], Iterable[str]],
   if os.path.exists(path):
     try:
       return load_sentencepiece(path, vocab_size, key="cached tokenizer")
-    except ValueError as e:
+    except DataError as e:
       logging.warning("tokenizer: the cached tokenizer is damaged (%s); training it "
                       "again", e)
   logging.info("tokenizer: training SentencePiece BPE (%d pieces) -> %s", vocab_size, path)

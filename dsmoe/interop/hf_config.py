@@ -21,10 +21,11 @@ import os
 import ml_collections
 
 from dsmoe import config as config_lib
+from dsmoe.errors import ConfigError, HFFormatError
 from dsmoe.spec import ModelSpec
 
 
-class HFConfigError(ValueError):
+class HFConfigError(HFFormatError):
   """A config.json dsmoe cannot represent."""
 
 
@@ -146,7 +147,7 @@ def to_dsmoe(hf: dict, *, dtype: str = "float32") -> ml_collections.ConfigDict:
   m.dtype = m.param_dtype = dtype
   try:
     config_lib.validate(config)
-  except ValueError as e:
+  except ConfigError as e:
     raise HFConfigError(f"config.json gives an invalid dsmoe model: {e}") from None
   return config
 

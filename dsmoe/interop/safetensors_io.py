@@ -19,11 +19,13 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from dsmoe.errors import HFFormatError
+
 INDEX = "model.safetensors.index.json"
 FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bfloat16", "F64": np.float64}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(HFFormatError):
   """A checkpoint folder that cannot be read as safetensors."""
 
 

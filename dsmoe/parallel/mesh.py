@@ -24,22 +24,24 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from dsmoe.errors import ConfigError
+
 AXES = ("data", "fsdp", "expert")
 
 
 def axis_sizes(mesh_cfg, num_devices: int) -> dict[str, int]:
-  """{axis: size} with the one -1 filled in; ValueError if they do not fit."""
+  """{axis: size} with the one -1 filled in; ConfigError if they do not fit."""
   sizes = {a: int(mesh_cfg[a]) if mesh_cfg is not None else (-1 if a == "data" else 1)
            for a in AXES}
   known = math.prod(v for v in sizes.values() if v > 0)
   free = [a for a, v in sizes.items() if v == -1]
   if free:
     if num_devices % known:
-      raise ValueError(f"config.mesh={sizes} is invalid: {num_devices} devices do not "
+      raise ConfigError(f"config.mesh={sizes} is invalid: {num_devices} devices do not "
                        f"split into mesh.{free[0]} x {known}")
     sizes[free[0]] = num_devices // known
   elif known != num_devices:
-    raise ValueError(f"config.mesh={sizes} is invalid: data x fsdp x expert = {known} "
+    raise ConfigError(f"config.mesh={sizes} is invalid: data x fsdp x expert = {known} "
                      f"but there are {num_devices} devices (set one axis to -1)")
   return sizes
 

@@ -6,6 +6,8 @@ import os
 
 import jax
 
+from dsmoe.errors import ConfigError
+
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
@@ -24,7 +26,7 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
     return False
   if address or n is not None or pid is not None:
     if not (address and n is not None and pid is not None):
-      raise ValueError("multi-process training needs all three of --coordinator_address, "
+      raise ConfigError("multi-process training needs all three of --coordinator_address, "
                        "--num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, "
                        f"JAX_NUM_PROCESSES, JAX_PROCESS_ID); got {address!r}, {n!r}, {pid!r}")
   try:

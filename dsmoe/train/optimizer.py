@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from dsmoe.errors import ConfigError
+
 STEP_DECAY = 0.316  # paper: x0.316 at 80% and again at 90% of the steps
 COSINE_FLOOR = 0.1  # cosine ends at 10% of the peak
 
@@ -47,7 +49,7 @@ def make_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
     def after(s):
       return peak * jnp.ones_like(s, jnp.float32)
   else:
-    raise ValueError(f"config.train.schedule={train.schedule!r} is invalid: "
+    raise ConfigError(f"config.train.schedule={train.schedule!r} is invalid: "
                      "must be one of ['paper_step', 'cosine', 'constant']")
 
   def schedule(count):

@@ -24,6 +24,7 @@ import numpy as np
 
 from dsmoe import accounting
 from dsmoe import config as config_lib
+from dsmoe.errors import ConfigError
 from dsmoe.train import metrics as metrics_lib
 from dsmoe.train import optimizer as optimizer_lib
 from dsmoe.train import step as step_lib
@@ -43,7 +44,7 @@ def dense_equivalent(config):
   hidden = (moe.num_shared_experts + moe.top_k) * moe.expert_hidden
   has_dense = any(not model.is_moe_layer(i) for i in range(model.num_layers))
   if has_dense and model.dense_hidden != hidden:
-    raise ValueError(
+    raise ConfigError(
         f"dense_equivalent: the config mixes dense layers (dense_hidden="
         f"{model.dense_hidden}) with MoE layers of activated hidden {hidden}; give "
         "a config whose every FFN layer is MoE, or whose dense_hidden is "
