@@ -23,13 +23,14 @@ The argument is a dsmoe model folder written by scripts/convert_hf.py:
 
 import os
 
+from dsmoe.data.hf_tokenizer import HFTokenizer
+from dsmoe.errors import ConfigError
 from dsmoe.interop.hf import model_config
-from dsmoe.interop.hf_tokenizer import HFTokenizer
 
 
 def get_config(arg=None):
   if not arg:
-    raise ValueError("configs/hf.py needs a model folder: --config configs/hf.py:PATH "
+    raise ConfigError("configs/hf.py needs a model folder: --config configs/hf.py:PATH "
                      "(written by scripts/convert_hf.py)")
   c = model_config(arg, dtype="float32")
   c.train.init_from = os.path.abspath(arg)

@@ -3,13 +3,15 @@
 Public entry points (imported lazily, so ``import dsmoe.dispatch`` needs
 neither ml_collections nor the data stack):
 
-    dsmoe.load("tiny")                 a shipped config (or a path) -> ConfigDict
+    dsmoe.load("tiny")                 a shipped config (dsmoe.configs, or a path) -> ConfigDict
     dsmoe.resolve(config)              validate -> frozen Spec (model: ModelSpec)
     dsmoe.count_params(config)         {"total", "activated", "embedding"}
     dsmoe.flops_per_token(config)      training FLOPs per token
 
 Released checkpoints and text (docs/HF.md): ``dsmoe.interop.hf.load_hf(path)``
--> (config, model) with ``model(tokens_bt)`` -> logits; ``dsmoe.generate``.
+-> (config, model) with ``model(tokens_bt)`` -> logits; ``dsmoe.generate``;
+``dsmoe.interop.hf.load_text_model(path)`` with the tokenizer. Deliberate
+failures raise a ``dsmoe.errors.UserError`` (ConfigError, DataError, ...).
 
 Shape letters
 -------------

@@ -39,11 +39,16 @@ def _size(path_leaves) -> int:
   return sum(math.prod(x.shape) for _, x in path_leaves)
 
 
-def count_params(config) -> dict[str, int]:
-  """{"total", "activated", "embedding"} parameter counts (see module docstring)."""
+def count_params(config, params=None) -> dict[str, int]:
+  """{"total", "activated", "embedding"} parameter counts (see module docstring).
+
+  `params`: the model's parameters (arrays or ShapeDtypeStructs, e.g. the
+  train state's "params") when at hand; else the model is traced abstractly.
+  """
   cfg = config_lib.resolve(config).model
-  state = nnx.state(_abstract(cfg), nnx.Param)
-  leaves = list(jax.tree_util.tree_leaves_with_path(state))
+  if params is None:
+    params = nnx.state(_abstract(cfg), nnx.Param)
+  leaves = list(jax.tree_util.tree_leaves_with_path(params))
   total = _size(leaves)
   routed = _size([(p, x) for p, x in leaves
                   if any(getattr(k, "key", None) in ROUTED_EXPERT_WEIGHTS for k in p)])
@@ -54,10 +59,11 @@ def count_params(config) -> dict[str, int]:
   return {"total": total, "activated": total - inactive, "embedding": embedding}
 
 
-def flops_per_token(config, seq_len: int | None = None) -> float:
-  """Training (forward + backward) FLOPs per token, DeepSeek LLM convention."""
+def flops_per_token(config, seq_len: int | None = None, params=None) -> float:
+  """Training (forward + backward) FLOPs per token, DeepSeek LLM convention
+  (`params` as in :func:`count_params`)."""
   cfg = config_lib.resolve(config)
-  counts = count_params(config)
+  counts = count_params(cfg, params)
   seq_len = seq_len or cfg.data.seq_len
   m = cfg.model
   d_attn = m.num_heads * m.head_dim

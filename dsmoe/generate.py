@@ -2,7 +2,7 @@
 
 ::
 
-    lm = CausalLM.from_run(config, workdir)      # or dsmoe.interop.hf.load_hf(path)[1]
+    lm = CausalLM.from_run(spec, workdir)        # or dsmoe.interop.hf.load_hf(path)[1]
     logits_btv = lm(tokens_bt)                   # float32 [B, T, V], MoE in eval mode
     out = generate(lm, [[1, 5, 9], [1, 7]], max_new_tokens=32,
                    sampling=Sampling(temperature=0.7, top_p=0.9), stop_tokens=(2,))
@@ -36,6 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsmoe import config as config_lib
+from dsmoe import params_io
+from dsmoe.errors import CheckpointError, ConfigError, DataError
 from dsmoe.model import Transformer
 from dsmoe.spec import ModelSpec
 
@@ -51,11 +54,11 @@ class Sampling:
 
   def __post_init__(self):
     if self.temperature < 0:
-      raise ValueError(f"temperature={self.temperature} must be >= 0 (0: greedy)")
+      raise ConfigError(f"temperature={self.temperature} must be >= 0 (0: greedy)")
     if self.top_k < 0:
-      raise ValueError(f"top_k={self.top_k} must be >= 0 (0: off)")
+      raise ConfigError(f"top_k={self.top_k} must be >= 0 (0: off)")
     if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1: off)")
+      raise ConfigError(f"top_p={self.top_p} must be in (0, 1] (1: off)")
 
 
 def sample(logits_bv: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
@@ -101,27 +104,26 @@ class CausalLM:
   @classmethod
   def from_run(cls, config, workdir: str | None = None, step: int | None = None) -> "CausalLM":
     """The params of a training run's checkpoint `step` (default latest), or,
-    without a workdir or checkpoint, of ``config.train.init_from``."""
-    from dsmoe import config as config_lib  # noqa: PLC0415
-    from dsmoe.train import pretrained  # noqa: PLC0415
+    without a workdir or checkpoint, of ``config.train.init_from``; `config`
+    is a resolved Spec (a ConfigDict is resolved here)."""
     spec = config_lib.resolve(config)
     graphdef, abstract, rest = cls.skeleton(spec.model)
     if workdir is None and not spec.train.init_from:
-      raise pretrained.CheckpointError("give a workdir or set train.init_from")
+      raise CheckpointError("give a workdir or set train.init_from")
     if workdir is not None:
       try:
-        path, prefix = pretrained.run_checkpoint(workdir, step)
-      except pretrained.CheckpointError:
+        path, prefix = params_io.run_checkpoint(workdir, step)
+      except CheckpointError:
         if step is not None or not spec.train.init_from:
           raise
-        path, prefix = pretrained.params_dir(spec.train.init_from), ()
+        path, prefix = params_io.params_dir(spec.train.init_from), ()
     else:
-      path, prefix = pretrained.params_dir(spec.train.init_from), ()
-    pretrained.check_matches(path, abstract, prefix)
+      path, prefix = params_io.params_dir(spec.train.init_from), ()
+    params_io.check_matches(path, abstract, prefix)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                             abstract)
-    return cls(graphdef, pretrained.restore(path, abstract, prefix), _concrete(rest))
+    return cls(graphdef, params_io.restore(path, abstract, prefix), _concrete(rest))
 
   @property
   def spec(self) -> ModelSpec:
@@ -205,14 +207,14 @@ def generate(lm: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
   tokenizer's size when the model's vocabulary is larger).
   """
   if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("every prompt needs at least one token")
+    raise DataError("every prompt needs at least one token")
   if len(stop_tokens) > MAX_STOP_TOKENS:
-    raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stop_tokens)}")
+    raise ConfigError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stop_tokens)}")
   lengths = np.array([len(p) for p in prompts], np.int32)
   if max_len is not None:
     max_new_tokens = min(max_new_tokens, max_len - int(lengths.max()))
     if max_new_tokens < 1:
-      raise ValueError(f"the longest prompt ({lengths.max()} tokens) leaves no room "
+      raise ConfigError(f"the longest prompt ({lengths.max()} tokens) leaves no room "
                        f"below max_len={max_len}")
   p = _bucket(int(lengths.max()))
   tokens = np.zeros((len(prompts), p), np.int32)
@@ -238,25 +240,20 @@ class TextModel:
   stop_tokens: tuple[int, ...]
 
   @classmethod
-  def from_hf(cls, path: str, dtype: str = "float32") -> "TextModel":
-    """An HF or dsmoe model folder with its tokenizer.json."""
-    from dsmoe.interop import hf  # noqa: PLC0415
-    from dsmoe.interop.hf_tokenizer import HFTokenizer  # noqa: PLC0415
-    _, lm = hf.load_hf(path, dtype)
-    tok = HFTokenizer(path)
-    return cls(lm, tok, () if tok.eos_id is None else (tok.eos_id,))
+  def from_tokenizer(cls, lm: CausalLM, tokenizer) -> "TextModel":
+    """`lm` with `tokenizer`, stopping at its EOS (if it has one)."""
+    eos = getattr(tokenizer, "eos_id", None)
+    return cls(lm, tokenizer, () if eos is None else (eos,))
 
   @classmethod
   def from_run(cls, config, workdir: str | None = None, step: int | None = None
                ) -> "TextModel":
-    """A training run's checkpoint (or ``train.init_from``) with the run's tokenizer."""
-    from dsmoe import config as config_lib  # noqa: PLC0415
-    from dsmoe.data import make_tokenizer  # noqa: PLC0415
+    """A training run's checkpoint (or ``train.init_from``) with the run's
+    tokenizer (an HF or dsmoe model folder: dsmoe.interop.hf.load_text_model)."""
+    from dsmoe.data import make_tokenizer  # noqa: PLC0415 (grain, TFDS: only here)
     spec = config_lib.resolve(config)
     tok = make_tokenizer(spec)
-    lm = CausalLM.from_run(spec, workdir, step)
-    eos = getattr(tok, "eos_id", None)
-    return cls(lm, tok, () if eos is None else (eos,))
+    return cls.from_tokenizer(CausalLM.from_run(spec, workdir, step), tok)
 
   def complete(self, prompts: Sequence[str], *, max_new_tokens: int, add_bos: bool = True,
                **kwargs) -> tuple[list[str], Generated]:

@@ -14,15 +14,19 @@ experts.png (a, b, c, e; every run on the same axes) and expert_load.png
 
 The config is read from <workdir>/config.json (written by
 scripts/run_ablation.py) unless --config is given (the file the run was
-trained with, and its --config.* overrides).
+trained with, and its --config.* overrides). Errors end with one line
+`error: ...`.
 """
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+import dsmoe
+from dsmoe import cli
+from dsmoe.errors import ConfigError
 
 config_flags.DEFINE_config_file("config", None, "Config the runs were trained with "
                                 "(default: each workdir's config.json).", lock_config=True)
@@ -38,15 +42,16 @@ flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
-def _config(workdir):
+def _spec(workdir):
+  """The resolved config of the run in `workdir`."""
   if FLAGS.config is not None:
-    return FLAGS.config
+    return dsmoe.resolve(FLAGS.config)
   from dsmoe.analysis.ablation import CONFIG_FILE, config_from_json
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise ValueError(f"{path} does not exist (runs of scripts/train.py have none): "
-                     "give --config, the file the run was trained with")
-  return config_from_json(path)
+    raise ConfigError(f"{path} does not exist (runs of scripts/train.py have none): "
+                      "give --config, the file the run was trained with")
+  return dsmoe.resolve(config_from_json(path))
 
 
 def _name(workdir: str) -> str:
@@ -58,25 +63,22 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   from dsmoe.analysis import experts, plots, report
-  from dsmoe.train.checkpoint import CheckpointError
   names = FLAGS.names or [_name(w) for w in FLAGS.workdir]
   if len(names) != len(FLAGS.workdir):
-    print("error: --names needs one label per --workdir", file=sys.stderr)
-    sys.exit(1)
+    raise ConfigError("--names needs one label per --workdir")
   out = FLAGS.out or os.path.join(FLAGS.workdir[0], "analysis")
   results = {}
   try:
     ratios = [float(r) for r in FLAGS.ratios]
-    for name, workdir in zip(names, FLAGS.workdir):
-      trained = experts.load_trained(_config(workdir), workdir,
-                                     num_batches=FLAGS.eval_batches or None)
-      results[name] = experts.analyze(trained, ratios=ratios,
-                                      redundancy_tokens=FLAGS.redundancy_tokens)
-      results[name]["workdir"] = os.path.abspath(workdir)
-      print(f"{name}: evaluation loss {results[name]['baseline']['loss']:.4f}", flush=True)
-  except (CheckpointError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  except ValueError:
+    raise ConfigError(f"--ratios={','.join(FLAGS.ratios)}: expected numbers") from None
+  for name, workdir in zip(names, FLAGS.workdir):
+    trained = experts.load_trained(_spec(workdir), workdir,
+                                   num_batches=FLAGS.eval_batches or None)
+    results[name] = experts.analyze(trained, ratios=ratios,
+                                    redundancy_tokens=FLAGS.redundancy_tokens)
+    results[name]["workdir"] = os.path.abspath(workdir)
+    print(f"{name}: evaluation loss {results[name]['baseline']['loss']:.4f}", flush=True)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "experts.json"), "w") as f:
     json.dump(results, f, indent=1)
@@ -89,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

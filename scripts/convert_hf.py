@@ -10,13 +10,15 @@
 
 The output folder must not exist; it appears only when complete. Memory:
 about the largest tensor (one shard of --max_shard_gb when exporting).
-See docs/HF.md.
+See docs/HF.md. Errors end with one line `error: ...`.
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+import dsmoe
+from dsmoe import cli
+from dsmoe.errors import ConfigError
 
 config_flags.DEFINE_config_file("config", None, "With --reverse --workdir: the run's config.",
                                 lock_config=True)
@@ -33,11 +35,11 @@ def run(args: list[str]) -> str:
   from dsmoe.interop import hf
   if FLAGS.reverse and FLAGS.workdir:
     if len(args) != 1 or FLAGS.config is None:
-      raise ValueError("usage: --reverse --config CONFIG --workdir RUN OUT_HF_DIR")
-    return hf.export_run(FLAGS.config, FLAGS.workdir, args[0], step=FLAGS.step,
+      raise ConfigError("usage: --reverse --config CONFIG --workdir RUN OUT_HF_DIR")
+    return hf.export_run(dsmoe.resolve(FLAGS.config), FLAGS.workdir, args[0], step=FLAGS.step,
                          dtype=FLAGS.dtype, max_shard_bytes=int(FLAGS.max_shard_gb * 2**30))
   if len(args) != 2:
-    raise ValueError("usage: convert_hf.py [--reverse] SRC_DIR OUT_DIR (see --help)")
+    raise ConfigError("usage: convert_hf.py [--reverse] SRC_DIR OUT_DIR (see --help)")
   if FLAGS.reverse:
     return hf.export(args[0], args[1], dtype=FLAGS.dtype,
                      max_shard_bytes=int(FLAGS.max_shard_gb * 2**30))
@@ -46,14 +48,8 @@ def run(args: list[str]) -> str:
 
 def main(argv):
   logging.set_verbosity(logging.ERROR)  # Orbax logs every array at WARNING/INFO
-  from dsmoe.train.checkpoint import CheckpointError
-  try:
-    out = run(argv[1:])
-  except (CheckpointError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
-  print(f"written: {out}")
+  print(f"written: {run(argv[1:])}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -13,6 +13,7 @@ import json
 from absl import flags, logging
 from ml_collections import config_flags
 
+import dsmoe
 from dsmoe import cli
 
 config_flags.DEFINE_config_file("config", None, "Config file the run was trained with.",
@@ -29,7 +30,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   from dsmoe.train.evaluation import evaluate_checkpoint
-  result = evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step, output=FLAGS.output)
+  result = evaluate_checkpoint(dsmoe.resolve(FLAGS.config), FLAGS.workdir, FLAGS.step,
+                               output=FLAGS.output)
   print(json.dumps({k: v for k, v in result.items() if k != "path"}), flush=True)
   print(f"written to {result['path']}")
 

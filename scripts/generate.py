@@ -8,6 +8,7 @@
 
 Several --prompt flags decode as one batch. Greedy by default (--temperature
 0); stops at the tokenizer's EOS (or --stop_token ids). See docs/HF.md.
+Errors end with one line `error: ...`.
 """
 
 import sys
@@ -15,6 +16,10 @@ import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+import dsmoe
+from dsmoe import cli
+from dsmoe.errors import ConfigError
 
 config_flags.DEFINE_config_file("config", None, "Config of the run (with --workdir), or "
                                 "configs/hf.py:MODEL_DIR.", lock_config=True)
@@ -37,12 +42,13 @@ FLAGS = flags.FLAGS
 
 
 def _model():
-  from dsmoe.generate import TextModel
   if FLAGS.hf:
-    return TextModel.from_hf(FLAGS.hf, FLAGS.dtype)
+    from dsmoe.interop.hf import load_text_model
+    return load_text_model(FLAGS.hf, FLAGS.dtype)
   if FLAGS.config is None:
-    raise ValueError("give --hf MODEL_DIR, or --config (and --workdir for a training run)")
-  return TextModel.from_run(FLAGS.config, FLAGS.workdir, FLAGS.step)
+    raise ConfigError("give --hf MODEL_DIR, or --config (and --workdir for a training run)")
+  from dsmoe.generate import TextModel
+  return TextModel.from_run(dsmoe.resolve(FLAGS.config), FLAGS.workdir, FLAGS.step)
 
 
 def main(argv):
@@ -50,20 +56,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.ERROR)
   from dsmoe.generate import Sampling
-  from dsmoe.train.checkpoint import CheckpointError
-  try:
-    model = _model()
-    kwargs = dict(sampling=Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p),
-                  seed=FLAGS.seed, max_len=FLAGS.max_len or None)
-    if FLAGS.stop_token:
-      kwargs["stop_tokens"] = tuple(FLAGS.stop_token)
-    start = time.perf_counter()
-    texts, out = model.complete(FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
-                                add_bos=FLAGS.bos, **kwargs)
-    seconds = time.perf_counter() - start
-  except (CheckpointError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  model = _model()
+  kwargs = dict(sampling=Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p),
+                seed=FLAGS.seed, max_len=FLAGS.max_len or None)
+  if FLAGS.stop_token:
+    kwargs["stop_tokens"] = tuple(FLAGS.stop_token)
+  start = time.perf_counter()
+  texts, out = model.complete(FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
+                              add_bos=FLAGS.bos, **kwargs)
+  seconds = time.perf_counter() - start
   for prompt, text, stopped in zip(FLAGS.prompt, texts, out.stopped):
     print(f"{prompt}{text}" + ("" if stopped else " [...]"))
     print("-" * 40)
@@ -72,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -20,7 +20,9 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
+import dsmoe
 from dsmoe import cli
+from dsmoe.errors import ConfigError
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                 lock_config=True)
@@ -36,7 +38,7 @@ def _mesh_sizes(text: str) -> dict:
   for part in filter(None, text.split(",")):
     key, _, value = part.partition("=")
     if key not in sizes or not value.isdigit() or int(value) < 1:
-      raise ValueError(f"--mesh={text!r} is invalid: expected axis=size pairs of "
+      raise ConfigError(f"--mesh={text!r} is invalid: expected axis=size pairs of "
                        f"{sorted(sizes)}, e.g. 'fsdp=32,expert=8'")
     sizes[key] = int(value)
   return sizes
@@ -74,9 +76,11 @@ def main(argv):
   os.environ["JAX_PLATFORMS"] = "cpu"
   config = FLAGS.config
   config.mesh.update(sizes)
-  from dsmoe.parallel import mesh as mesh_lib, plan  # after XLA_FLAGS: imports jax
+  spec = dsmoe.resolve(config)  # after XLA_FLAGS: resolving may start jax
+  from dsmoe.parallel import mesh as mesh_lib
+  from dsmoe.train import plan
   t0 = time.time()
-  result = plan.memory_plan(config, mesh_lib.make_mesh(config.mesh))
+  result = plan.memory_plan(spec, mesh_lib.make_mesh(spec.mesh))
   _print(result, time.time() - t0, FLAGS.top)
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:

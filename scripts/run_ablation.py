@@ -18,18 +18,20 @@ another file with the same variant names to change the base model), and
 every --config.<key>=<value> override applies to every variant, e.g. the
 paper's 2B validation scale on a pod:
     --config.model.d_model=1280 --config.model.num_layers=9 ...
+Errors end with one line `error: ...`.
 """
 
 import os
 import shutil
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-import configs
+from dsmoe import cli
+from dsmoe.config import config_file as shipped_config_file
+from dsmoe.errors import ConfigError
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "ablation.py")
+DEFAULT_CONFIG = shipped_config_file("ablation")
 config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Ablation config file "
                                 "(get_config(variant)); its --config.* overrides "
                                 "apply to every variant.", lock_config=True)
@@ -73,31 +75,24 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   from dsmoe.analysis import ablation
-  from dsmoe.train import NonFiniteError
-  from dsmoe.train.checkpoint import CheckpointError
   variants = [v for v in FLAGS.variants if v]
   if FLAGS.collect_only:
-    try:
-      return _collect(variants)
-    except (OSError, ValueError) as e:
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(1)
+    return _collect(variants)
   config_file = config_flags.get_config_filename(FLAGS["config"]).split(":")[0]
   overrides = dict(config_flags.get_override_values(FLAGS["config"]))
   if FLAGS.steps:
     overrides["train.steps"] = FLAGS.steps
   try:
     seeds = [int(s) for s in FLAGS.seeds]
-    cells = ablation.grid(variants, seeds)
-    for v in variants:  # refuse an unknown variant or override before training anything
-      ablation.variant_config(config_file, v, seeds[0], overrides)
-    ablation.run_grid(cells, FLAGS.workdir, lambda c: ablation.variant_config(
-        config_file, c.variant, c.seed, overrides), after_each=lambda: _collect(variants))
-  except (NonFiniteError, CheckpointError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  except ValueError:
+    raise ConfigError(f"--seeds={','.join(FLAGS.seeds)}: expected integers") from None
+  cells = ablation.grid(variants, seeds)
+  for v in variants:  # refuse an unknown variant or override before training anything
+    ablation.variant_config(config_file, v, seeds[0], overrides)
+  ablation.run_grid(cells, FLAGS.workdir, lambda c: ablation.variant_config(
+      config_file, c.variant, c.seed, overrides), after_each=lambda: _collect(variants))
   _collect(variants)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

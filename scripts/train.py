@@ -13,6 +13,7 @@ cannot be parsed); --debug or DSMOE_DEBUG=1 also prints the traceback.
 from absl import flags, logging
 from ml_collections import config_flags
 
+import dsmoe
 from dsmoe import cli
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -33,7 +34,9 @@ def main(argv):
   from dsmoe.train import distributed, train_and_evaluate
   distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id, force=FLAGS.distributed)
-  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  spec = dsmoe.resolve(FLAGS.config)  # validated once (after JAX's distributed start:
+  # resolving reads the platform)
+  train_and_evaluate(spec, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from dsmoe.analysis import experts
 from dsmoe.data import evalset
 from dsmoe.model import Transformer
 from dsmoe.model.router import gates
-from dsmoe.train.mesh import make_mesh
+from dsmoe.parallel.mesh import make_mesh
 from tests.conftest import ROOT, small_config
 from tests.test_evalset import encode, texts
 

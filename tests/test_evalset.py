@@ -14,7 +14,7 @@ import dsmoe
 from dsmoe.data import evalset
 from dsmoe.model import Transformer
 from dsmoe.train import evaluation
-from dsmoe.train.mesh import make_mesh
+from dsmoe.parallel.mesh import make_mesh
 from tests.conftest import load_config, small_config
 
 SEQ = 8

@@ -12,6 +12,7 @@ from flax import nnx
 
 import dsmoe
 from dsmoe import generate as gen
+from dsmoe.interop import hf
 from dsmoe.model import Transformer
 from tests.conftest import ROOT, small_config
 
@@ -157,7 +158,7 @@ def test_generate_script_on_an_hf_folder(tmp_path):
   from tests import hf_checkpoints as hc
   folder, cfg, _ = hc.make(str(tmp_path / "hf"), vocab_size=320)
   hc.write_tokenizer(folder)
-  text = gen.TextModel.from_hf(folder)
+  text = hf.load_text_model(folder)
   assert (text.tokenizer.bos_id, text.stop_tokens) == (1, (2,))
   env = dict(os.environ, JAX_PLATFORMS="cpu",
            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -178,7 +179,7 @@ def test_generate_script_on_an_hf_folder(tmp_path):
 def test_text_model_from_init_from_with_the_runs_sentencepiece(tmp_path, lm):
   """A config's own tokenizer (SentencePiece trained on its corpus) and the
   params of train.init_from, without a workdir."""
-  from dsmoe.train import pretrained
+  from dsmoe import params_io
   from tests.hf_checkpoints import write_corpus
   write_corpus(str(tmp_path / "text"))
   config = small_config(**{"model.vocab_size": 64, "model.init_std": 0.3})
@@ -187,9 +188,9 @@ def test_text_model_from_init_from_with_the_runs_sentencepiece(tmp_path, lm):
                           vocab_size=300, validation_percent=25.0))
   spec = dsmoe.resolve(config)
   model = gen.CausalLM.from_module(Transformer(spec.model, rngs=nnx.Rngs(1)))
-  tree = jax.tree.map(lambda x: pretrained.LazyArray(x.shape, np.dtype(x.dtype),
-                                                     lambda x=x: np.asarray(x)), model.params)
-  pretrained.save_streaming(str(tmp_path / "params"), tree)
+  tree = jax.tree.map(lambda x: params_io.LazyArray(x.shape, np.dtype(x.dtype),
+                                                    lambda x=x: np.asarray(x)), model.params)
+  params_io.save_streaming(str(tmp_path / "params"), tree)
   config.train.init_from = str(tmp_path / "params")
   text = gen.TextModel.from_run(config)
   assert text.tokenizer.vocab_size == 300 and text.stop_tokens == (2,)

@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from dsmoe.interop import hf
-from dsmoe.train import pretrained
+from dsmoe import params_io
 from tests import hf_checkpoints as hc
 from tests.conftest import ROOT
 
@@ -41,7 +41,7 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
   with open(os.path.join(folder, "tokenizer.json"), "w") as f:
     f.write("{}")
   model = hf.convert(folder, str(tmp_path / "dsmoe"))
-  saved = pretrained.saved_arrays(os.path.join(model, "params"))
+  saved = params_io.saved_arrays(os.path.join(model, "params"))
   assert {str(d) for _, d in saved.values()} == {np.dtype(dtype).name}
   assert saved["blocks/1/ffn/w_gate_edf"][0] == (8, 32, 16)
   back = hf.export(model, str(tmp_path / "back"), max_shard_bytes=20_000)

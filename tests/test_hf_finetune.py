@@ -15,10 +15,11 @@ from dsmoe import generate as gen
 from dsmoe.data.evalset import make_eval_set
 from dsmoe.interop import hf
 from dsmoe.train import checkpoint as checkpoint_lib
+from dsmoe.parallel.mesh import make_mesh
 from dsmoe.train import optimizer as optimizer_lib
+from dsmoe.train import state as state_lib
 from dsmoe.train import train_and_evaluate
 from dsmoe.train.evaluation import evaluate_checkpoint
-from dsmoe.train.mesh import make_mesh
 from tests import hf_checkpoints as hc
 from tests.conftest import ROOT
 
@@ -65,7 +66,7 @@ def test_training_starts_from_the_converted_params(model_dir, tmp_path):
   tx = optimizer_lib.make_optimizer(spec.train)
   workdir = str(tmp_path / "run")
   ckpts = checkpoint_lib.Checkpoints(workdir)
-  _, state, _ = checkpoint_lib.init_or_restore(spec, tx, ckpts, make_mesh(spec.mesh), None)
+  _, state, _ = state_lib.init_or_restore(spec, tx, ckpts, make_mesh(spec.mesh), None)
   _, lm = hf.load_hf(model)
   start = flat(state["params"])
   assert start.keys() == flat(lm.params).keys()
@@ -82,7 +83,7 @@ def test_training_starts_from_the_converted_params(model_dir, tmp_path):
 
   # A run with checkpoints resumes from them; init_from no longer applies.
   ckpts = checkpoint_lib.Checkpoints(workdir)
-  _, resumed, _ = checkpoint_lib.init_or_restore(spec, tx, ckpts, make_mesh(spec.mesh), None)
+  _, resumed, _ = state_lib.init_or_restore(spec, tx, ckpts, make_mesh(spec.mesh), None)
   ckpts.close()
   assert int(resumed["step"]) == 2
   k = next(iter(trained))
@@ -133,6 +134,6 @@ def test_generate_script_with_configs_hf(model_dir):
        "--prompt", "the mat", "--max_new_tokens", "4"],
       capture_output=True, text=True, env=env, timeout=300, cwd=str(ROOT))
   assert run.returncode == 0, run.stderr
-  texts, _ = gen.TextModel.from_hf(model).complete(["the mat"], max_new_tokens=4)
+  texts, _ = hf.load_text_model(model).complete(["the mat"], max_new_tokens=4)
   assert run.stdout.split("\n")[0].startswith("the mat" + texts[0])
   del root

@@ -17,8 +17,10 @@ from flax import nnx
 from conftest import load_config, small_config
 from dsmoe import config as config_lib
 from dsmoe import flops_per_token
+from dsmoe.errors import CheckpointError
 from dsmoe.train import NonFiniteError, loop, metrics, optimizer, step
-from dsmoe.train.checkpoint import CheckpointError, Checkpoints
+from dsmoe.train import state as state_lib
+from dsmoe.train.checkpoint import Checkpoints
 
 
 def read_losses(workdir):
@@ -330,7 +332,7 @@ def test_diverged_parameters_are_never_saved(tmp_path):
   tx = optimizer.make_optimizer(spec.train)
   batch = next(iter(loop.make_loader(spec, "validation")))
   for s in steps:
-    graphdef, state, _ = loop.checkpoint_lib.init_or_restore(
+    graphdef, state, _ = state_lib.init_or_restore(
         spec, tx, Checkpoints(tmp_path, read_only=True), loop.make_mesh(), None, s)
 
     def ce(params):

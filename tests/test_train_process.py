@@ -70,11 +70,11 @@ def _train(workdir, overrides=RUN, *extra):
 
 def _params(workdir, step, overrides=RUN):
   from dsmoe import config as config_lib
-  from dsmoe.train import checkpoint, loop, optimizer
+  from dsmoe.train import checkpoint, loop, optimizer, state as state_lib
   config = config_lib.resolve(small_config(**overrides))
   tx = optimizer.make_optimizer(config.train)
   ckpts = checkpoint.Checkpoints(workdir, read_only=True)
-  _, state, _ = checkpoint.init_or_restore(config, tx, ckpts, loop.make_mesh(), None, step)
+  _, state, _ = state_lib.init_or_restore(config, tx, ckpts, loop.make_mesh(), None, step)
   return jax.device_get(state["params"])
 
 

@@ -27,6 +27,7 @@ import ml_collections
 
 from dsmoe import accounting
 from dsmoe import config as config_lib
+from dsmoe.errors import ConfigError, WorkdirError
 from dsmoe.train import metrics as metrics_lib
 from dsmoe.train.evaluation import DOCUMENTS_FILE
 
@@ -68,7 +69,7 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
   try:
     config.update_from_flattened_dict(values)
   except (KeyError, AttributeError, TypeError) as e:
-    raise ValueError(f"{path}: not a dsmoe config of this version ({e})") from None
+    raise ConfigError(f"{path}: not a dsmoe config of this version ({e})") from None
   return config
 
 
@@ -87,7 +88,7 @@ def _check_same_config(workdir: str, config) -> None:
                 if _flat(have).get(k) != _flat(want).get(k))
   if diff:
     shown = ", ".join(f"{k}: {_flat(have).get(k)!r} -> {_flat(want).get(k)!r}" for k in diff[:4])
-    raise ValueError(f"{workdir} holds a run of another config ({shown}); resume "
+    raise WorkdirError(f"{workdir} holds a run of another config ({shown}); resume "
                      "it with the same flags, or use another --workdir")
 
 
@@ -119,15 +120,17 @@ def train_seconds(records: list[dict], tokens_per_step: float) -> float:
 
 def run_row(cell: Cell, config, result: dict, workdir: str, wall_s: float,
             resumed: bool) -> dict:
-  """The results.csv row of one finished run, plus its curves."""
+  """The results.csv row of one finished run, plus its curves; the parameter
+  counts come from the final state (``result["state"]``) when it is there."""
   spec = config_lib.resolve(config)
-  counts = accounting.count_params(config)
+  params = result["state"]["params"] if "state" in result else None
+  counts = accounting.count_params(spec, params)
   tokens_per_step = spec.train.batch_size * spec.data.seq_len
   records = metrics_lib.read_jsonl(os.path.join(workdir, metrics_lib.METRICS_FILE))
   return {
       "variant": cell.variant, "seed": cell.seed, "steps": spec.train.steps,
       "total_params": counts["total"], "activated_params": counts["activated"],
-      "flops_per_token": accounting.flops_per_token(config),
+      "flops_per_token": accounting.flops_per_token(spec, params=params),
       "tokens_seen": spec.train.steps * tokens_per_step,
       "eval_loss": result["eval_loss"], "eval_loss_se": result["eval_loss_se"],
       "eval_tokens": int(result["eval_tokens"]), "eval_docs": result["eval_docs"],
@@ -162,11 +165,12 @@ def run_cell(cell: Cell, config, root: str) -> dict:
   workdir = cell.workdir(root)
   _check_same_config(workdir, config)
   resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
+  spec = config_lib.resolve(config)
   t0 = time.perf_counter()
-  result = train_and_evaluate(config, workdir)
+  result = train_and_evaluate(spec, workdir)
   if result.get("stopped"):
     return {}
-  row = run_row(cell, config, result, workdir, time.perf_counter() - t0, resumed)
+  row = run_row(cell, spec, result, workdir, time.perf_counter() - t0, resumed)
   _write_json(os.path.join(workdir, RUN_FILE), row)
   return row
 

@@ -26,8 +26,10 @@ import numpy as np
 from flax import nnx
 
 from dsmoe.data.evalset import EvalSet, mean_and_se
+from dsmoe.errors import ConfigError
 from dsmoe.model import Transformer
 from dsmoe.model.layers import swiglu
+from dsmoe.parallel.mesh import make_mesh
 from dsmoe.spec import ModelSpec
 from dsmoe.train import evaluation
 
@@ -58,7 +60,7 @@ def _restrict(tree, template):
 def rebuild(trained: Trained, **moe_changes):
   """(graphdef, params, rest) of the model with MoE fields changed, same weights.
 
-  Raises ValueError if a kept parameter changes shape (e.g. a changed expert
+  Raises ConfigError if a kept parameter changes shape (e.g. a changed expert
   count).
   """
   spec = trained.spec.replace(moe=moe_changes)
@@ -69,7 +71,7 @@ def rebuild(trained: Trained, **moe_changes):
   rest = _restrict(trained.rest, r_abs)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(p_abs)):
     if tuple(a.shape) != tuple(b.shape):
-      raise ValueError(f"{jax.tree_util.keystr(path)}: {a.shape} -> {b.shape}; "
+      raise ConfigError(f"{jax.tree_util.keystr(path)}: {a.shape} -> {b.shape}; "
                        f"the change {moe_changes} needs other parameters")
   return graphdef, params, rest
 
@@ -86,7 +88,7 @@ def score(trained: Trained, **moe_changes) -> dict:
 
 def _learned(trained: Trained, what: str) -> None:
   if trained.moe.router != "topk":
-    raise ValueError(f"{what} needs a learned router; this model routes by "
+    raise ConfigError(f"{what} needs a learned router; this model routes by "
                      f"{trained.moe.router!r}")
 
 
@@ -216,10 +218,10 @@ def load_trained(config, workdir: str, *, step: int | None = None,
   """
   from dsmoe import config as config_lib  # pylint: disable=g-import-not-at-top
   from dsmoe.data.evalset import make_eval_set  # pylint: disable=g-import-not-at-top
-  from dsmoe.train.mesh import make_mesh  # pylint: disable=g-import-not-at-top
   spec = config_lib.resolve(config)
-  _, state, _ = evaluation.restore_params(spec, workdir, step)
-  return Trained(spec.model, state["params"], state["rest"], make_mesh(spec.mesh),
+  mesh = make_mesh(spec.mesh)
+  _, state, _ = evaluation.restore_params(spec, workdir, step, mesh=mesh)
+  return Trained(spec.model, state["params"], state["rest"], mesh,
                  make_eval_set(spec), spec.train.batch_size, num_batches)
 
 

@@ -19,10 +19,21 @@ Modules:
   local_text   the TFDS builder over such a directory (default: stdlib source)
   sources      local_text or a prepared named TFDS dataset (clear offline error)
   tokenizer    bytes, or SentencePiece BPE trained on the training split, cached
+  hf_tokenizer a HuggingFace tokenizer.json (data.tokenizer="hf", the generator)
   packing      concatenate-then-split packing with segment ids and positions
   pipeline     make_loader / make_tokenizer: the grain pipeline
 """
 
-from dsmoe.data.pipeline import make_loader, make_tokenizer
+from __future__ import annotations
+
+import importlib
 
 __all__ = ["make_loader", "make_tokenizer"]
+
+
+def __getattr__(name: str):
+  """make_loader / make_tokenizer, imported on first use (grain and TFDS are
+  not needed to read a tokenizer.json: ``dsmoe.data.hf_tokenizer``)."""
+  if name in __all__:
+    return getattr(importlib.import_module("dsmoe.data.pipeline"), name)
+  raise AttributeError(f"module 'dsmoe.data' has no attribute {name!r}")

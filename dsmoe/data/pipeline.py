@@ -29,6 +29,9 @@ from dsmoe.config import validate_data
 from dsmoe.data import packing
 from dsmoe.data import sources
 from dsmoe.data import tokenizer as tok_lib
+from dsmoe.data.hf_tokenizer import HFTokenizer
+from dsmoe.errors import ConfigError, DataError
+from dsmoe.spec import Spec
 
 SAMPLE_DOCS = 100_000  # at most this many documents are read to train a tokenizer
 
@@ -36,7 +39,7 @@ SAMPLE_DOCS = 100_000  # at most this many documents are read to train a tokeniz
 def make_tokenizer(config, source: sources.Source | None = None):
   """The tokenizer chosen by `config.data` (SentencePiece is trained once, cached).
 
-  Raises ValueError, before any training, if its vocabulary does not fit
+  Raises ConfigError, before any training, if its vocabulary does not fit
   ``config.model.vocab_size``.
   """
   d = config.data
@@ -56,19 +59,18 @@ def make_tokenizer(config, source: sources.Source | None = None):
 
 
 def _hf_tokenizer(path: str, model_vocab: int):
-  """A HuggingFace tokenizer.json (dsmoe.interop.hf_tokenizer); it needs an EOS id."""
-  from dsmoe.interop.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+  """A HuggingFace tokenizer.json (dsmoe.data.hf_tokenizer); it needs an EOS id."""
   tok = HFTokenizer(path)
   _check_fits("hf", tok.vocab_size, model_vocab)
   if tok.eos_id is None:
-    raise ValueError(f"data.tokenizer_path={path!r}: the tokenizer has no EOS token "
+    raise DataError(f"data.tokenizer_path={path!r}: the tokenizer has no EOS token "
                      "(set eos_token in tokenizer_config.json next to it)")
   return tok
 
 
 def _check_fits(tokenizer: str, size: int, model_vocab: int) -> None:
   if size > model_vocab:
-    raise ValueError(
+    raise ConfigError(
         f"model.vocab_size={model_vocab} is smaller than the tokenizer's vocabulary "
         f"({size}, data.tokenizer={tokenizer!r}): raise model.vocab_size, set "
         f"data.vocab_size <= {model_vocab} (SentencePiece needs >= 300), or use "
@@ -118,7 +120,7 @@ def _process(process_index, process_count) -> tuple[int, int]:
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, "
+    raise ConfigError(f"process_index={process_index} must be in [0, "
                      f"process_count={process_count})")
   return process_index, process_count
 
@@ -128,20 +130,20 @@ def _documents(source, split, process_index, process_count) -> grain.MapDataset:
   records = source.data_source(split)
   docs = grain.MapDataset.source(records)[process_index::process_count]
   if len(docs) == 0:
-    raise ValueError(f"{source.key}: the {split!r} split of {source.dataset_id!r} "
+    raise DataError(f"{source.key}: the {split!r} split of {source.dataset_id!r} "
                      f"has {len(records)} documents, too few for process "
                      f"{process_index} of {process_count}")
   return docs.map(_text_of(source))
 
 
 def _check_length(docs: grain.MapDataset, encode: Encode, seq_len: int, where: str):
-  """Raises ValueError if all documents together hold <= seq_len tokens."""
+  """Raises DataError if all documents together hold <= seq_len tokens."""
   total = 0
   for i in range(len(docs)):
     total += len(encode(docs[i]))
     if total > seq_len:
       return
-  raise ValueError(f"{where}: the corpus is shorter than one sequence: its "
+  raise DataError(f"{where}: the corpus is shorter than one sequence: its "
                    f"{len(docs)} documents hold {total} tokens, but data.seq_len="
                    f"{seq_len} needs at least {seq_len + 1}; use more text or a "
                    "smaller data.seq_len")
@@ -156,13 +158,14 @@ def make_loader(config, split: str = "train", *, process_index=None,
   0 = padding) and ``positions``; B_local = train.batch_size // process_count.
   """
   d, t = config.data, config.train
-  validate_data(d)
+  if not isinstance(config, Spec):  # a Spec was validated when resolved
+    validate_data(d)
   pi, pc = _process(process_index, process_count)
   if t.batch_size % pc:
-    raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the "
+    raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the "
                      f"number of processes ({pc})")
   if not 0 <= t.seed < 2**32:
-    raise ValueError(f"train.seed={t.seed} must be in [0, 2**32) for the data shuffle")
+    raise ConfigError(f"train.seed={t.seed} must be in [0, 2**32) for the data shuffle")
   source = sources.open_source(d)
   encode = Encode(make_tokenizer(config, source), d.add_bos)
   docs = _documents(source, split, pi, pc)

@@ -5,5 +5,6 @@
   hf_config       config.json <-> dsmoe config
   hf_layout       HF tensor names and layouts of each dsmoe parameter
   safetensors_io  streaming safetensors reader / sharded writer
-  hf_tokenizer    a HuggingFace tokenizer.json as a dsmoe tokenizer
+
+(A HuggingFace tokenizer.json is read by dsmoe.data.hf_tokenizer.)
 """

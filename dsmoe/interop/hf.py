@@ -4,6 +4,7 @@
 
     config, lm = load_hf("deepseek-moe-16b-base", dtype="bfloat16")
     logits_btv = lm(tokens_bt)                      # float32 [batch, seq, vocab]
+    text = load_text_model("deepseek-moe-16b-base")  # + its tokenizer.json, EOS
 
     convert("deepseek-moe-16b-base", "ckpt/dsmoe-16b")          # -> a model folder
     export("ckpt/dsmoe-16b", "ckpt/hf-again")                   # and back
@@ -13,7 +14,7 @@ An HF folder holds ``config.json``, ``*.safetensors`` (one file or shards
 with ``model.safetensors.index.json``) and usually the tokenizer files. A
 dsmoe *model folder* (what :func:`convert` writes) holds the same
 ``config.json`` and tokenizer files plus ``params/``, a params-only Orbax
-checkpoint (dsmoe.train.pretrained) that ``train.init_from``,
+checkpoint (dsmoe.params_io) that ``train.init_from``,
 ``configs/hf.py`` and the generator read. Both kinds load with
 :func:`load_hf`.
 
@@ -36,21 +37,19 @@ import jax
 import numpy as np
 
 from dsmoe import config as config_lib
-from dsmoe.generate import CausalLM
+from dsmoe import params_io
+from dsmoe.data.hf_tokenizer import HFTokenizer
+from dsmoe.errors import HFFormatError
+from dsmoe.generate import CausalLM, TextModel
 from dsmoe.interop import hf_config, hf_layout, safetensors_io
 from dsmoe.interop.hf_config import HFConfigError
 from dsmoe.interop.safetensors_io import SafetensorsError
-from dsmoe.train import pretrained
 
 PARAMS = "params"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 IGNORED_TENSOR_SUFFIX = ".rotary_emb.inv_freq"  # a buffer older code saved; derived from rope_theta
 DTYPES = ("float32", "bfloat16")
 DEFAULT_SHARD_BYTES = 2 << 30
-
-
-class HFFormatError(ValueError):
-  """An HF checkpoint that dsmoe cannot import (names the key or tensor)."""
 
 
 def is_model_folder(path: str) -> bool:
@@ -74,7 +73,7 @@ def model_config(path: str, dtype: str | None = None):
 def _stored_dtype(path: str) -> str:
   """bfloat16 or float32: the checkpoint's dtype (float16 and others: float32)."""
   if is_model_folder(path):
-    arrays = pretrained.saved_arrays(pretrained.params_dir(path))
+    arrays = params_io.saved_arrays(params_io.params_dir(path))
     dtypes = {str(d) for _, d in arrays.values()}
   else:
     reader = safetensors_io.Reader(path)
@@ -118,7 +117,7 @@ def _lazy_params(reader, layout, dtype) -> dict:
   np_dtype = np.dtype(dtype)
   for p in layout:
     load = (lambda p=p: p.to_dsmoe([reader.get(n) for n in p.hf_names], np_dtype))
-    hf_layout.set_path(tree, p.path, pretrained.LazyArray(p.shape, np_dtype, load))
+    hf_layout.set_path(tree, p.path, params_io.LazyArray(p.shape, np_dtype, load))
   return tree
 
 
@@ -133,11 +132,11 @@ def load_hf(path: str, dtype: str = "float32"):
   graphdef, abstract, rest = CausalLM.skeleton(spec)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   if is_model_folder(path):
-    ppath = pretrained.params_dir(path)
-    pretrained.check_matches(ppath, abstract)
+    ppath = params_io.params_dir(path)
+    params_io.check_matches(ppath, abstract)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                             abstract)
-    params = pretrained.restore(ppath, abstract)
+    params = params_io.restore(ppath, abstract)
   else:
     layout = hf_layout.params(spec)
     reader = _checked_reader(path, layout)
@@ -148,6 +147,13 @@ def load_hf(path: str, dtype: str = "float32"):
       del array
   rest = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), rest)
   return config, CausalLM(graphdef, params, rest)
+
+
+def load_text_model(path: str, dtype: str = "float32") -> TextModel:
+  """:func:`load_hf` of an HF or dsmoe model folder with its tokenizer.json
+  (dsmoe.data.hf_tokenizer), stopping at the tokenizer's EOS."""
+  _, lm = load_hf(path, dtype)
+  return TextModel.from_tokenizer(lm, HFTokenizer(path))
 
 
 def _fix_malloc_mmap_threshold(threshold: int = 1 << 20) -> None:
@@ -209,7 +215,7 @@ def convert(in_dir: str, out_dir: str, dtype: str | None = None) -> str:
   tmp = _new_output(out_dir)
   try:
     _copy_side_files(in_dir, tmp)
-    pretrained.save_streaming(os.path.join(tmp, PARAMS), _lazy_params(reader, layout, dtype))
+    params_io.save_streaming(os.path.join(tmp, PARAMS), _lazy_params(reader, layout, dtype))
     os.replace(tmp, os.path.abspath(out_dir))
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -219,8 +225,8 @@ def convert(in_dir: str, out_dir: str, dtype: str | None = None) -> str:
 def _write_hf(spec, params_path: str, prefix: tuple, out_dir: str, *, original: dict | None,
               side_files: str | None, dtype: str | None, max_shard_bytes: int) -> str:
   layout = hf_layout.params(spec)
-  saved = pretrained.saved_arrays(params_path, prefix)
-  pretrained.check_matches(params_path, _abstract(layout), prefix)
+  saved = params_io.saved_arrays(params_path, prefix)
+  params_io.check_matches(params_path, _abstract(layout), prefix)
   dtypes = {p.path: np.dtype(dtype) if dtype else saved[p.path][1] for p in layout}
   if len({str(d) for d in dtypes.values()}) != 1:
     raise HFFormatError(f"{params_path}: params of several dtypes; give dtype=")
@@ -231,7 +237,7 @@ def _write_hf(spec, params_path: str, prefix: tuple, out_dir: str, *, original: 
   def load(names):
     """The HF tensors of one shard, from one restore of the dsmoe arrays they need."""
     needed = list(dict.fromkeys(owner[n] for n in names))
-    restored = pretrained.restore_numpy(params_path, [p.path for p in needed], prefix)
+    restored = params_io.restore_numpy(params_path, [p.path for p in needed], prefix)
     arrays = {}
     for p in needed:
       pieces = p.to_hf(restored.pop(p.path), dtypes[p.path])
@@ -282,7 +288,7 @@ def export_run(config, workdir: str, out_dir: str, step: int | None = None,
   config.json keys and side files (tokenizer) are carried over."""
   _check_new(out_dir)
   spec = config_lib.resolve(config)
-  path, prefix = pretrained.run_checkpoint(workdir, step)
+  path, prefix = params_io.run_checkpoint(workdir, step)
   source = spec.train.init_from if spec.train.init_from else None
   source = source if source and is_model_folder(source) else None
   original = hf_config.read(source) if source else None
@@ -291,4 +297,4 @@ def export_run(config, workdir: str, out_dir: str, step: int | None = None,
 
 
 __all__ = ["HFConfigError", "HFFormatError", "SafetensorsError", "convert", "export",
-           "export_run", "load_hf", "model_config"]
+           "export_run", "load_hf", "load_text_model", "model_config"]

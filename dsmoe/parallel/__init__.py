@@ -5,8 +5,8 @@
   expert.py   routed experts inside jax.shard_map (allgather / all_to_all /
               ragged_all_to_all token exchange)
   local.py    one device's experts on the XLA dropless path (the kernel seam)
-  plan.py     compile a train step without allocating it: memory and collectives
   hlo.py      the collectives of compiled HLO text, with bytes per step
+              (dsmoe.train.plan compiles a train step without allocating it)
 
 docs/SCALING.md explains the choices.
 """

@@ -11,6 +11,10 @@ config first and raise one :class:`CheckpointError` naming the checkpoint
 and the mismatch. A save that fails (a full disk, ...) raises one
 :class:`CheckpointError` too, at the next :meth:`Checkpoints.check`, save or
 wait, naming the last good checkpoint, which stays.
+
+The layout's names are dsmoe.params_io's, which reads the params of such a
+checkpoint without this module; what a run starts from (this, else
+``train.init_from``, else random) is dsmoe.train.state.
 """
 
 from __future__ import annotations
@@ -23,12 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dsmoe import errors
-from dsmoe.parallel import rules
-from dsmoe.train import step as step_lib
-
-
-class CheckpointError(ValueError):
-  """A checkpoint is missing, unreadable or does not match the config."""
+from dsmoe import params_io
+from dsmoe.errors import CheckpointError
 
 
 def _path_str(path) -> str:
@@ -78,13 +78,13 @@ class Checkpoints:
   """Save / restore / list checkpoints under ``<workdir>/checkpoints``."""
 
   def __init__(self, workdir: str, keep: int = 3, *, read_only: bool = False):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = params_io.checkpoints_dir(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, read_only=read_only,
         enable_async_checkpointing=True, cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
+        item_handlers={params_io.STATE: ocp.StandardCheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler()})
     self._pending = None  # step of an asynchronous save not yet waited for
 
@@ -108,8 +108,9 @@ class Checkpoints:
     self.wait()  # a failed previous save is reported as that save's error
     self._pending = step
     try:
-      self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
+      self.manager.save(step, args=ocp.args.Composite(**{
+          params_io.STATE: ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data)}),
+          force=True)
     except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise anything
       raise self._save_failed(step, e) from e
 
@@ -158,7 +159,7 @@ class Checkpoints:
       raise CheckpointError(f"checkpoint {where} does not exist (available steps: "
                             f"{self.all_steps()})")
     try:
-      saved = self.manager.item_metadata(step)["state"]
+      saved = self.manager.item_metadata(step)[params_io.STATE]
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is one error
       raise CheckpointError(f"checkpoint {where} is unreadable (truncated or "
                             f"corrupt?): {errors.short(e)}") from e
@@ -166,12 +167,13 @@ class Checkpoints:
     if mismatch:
       raise CheckpointError(f"checkpoint {where} does not match the config: {mismatch}")
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      out = self.manager.restore(step, args=ocp.args.Composite(**{
+          params_io.STATE: ocp.args.StandardRestore(abstract_state),
+          "data": ocp.args.JsonRestore()}))
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f"checkpoint {where} cannot be restored (truncated or "
                             f"corrupt?): {errors.short(e)}") from e
-    return out["state"], out["data"]
+    return out[params_io.STATE], out["data"]
 
 
 def data_state_for_this_process(data, where: str):
@@ -183,26 +185,3 @@ def data_state_for_this_process(data, where: str):
                           f"processes; this run has {jax.process_count()}")
   return iterators[jax.process_index()]
 
-
-def init_or_restore(config, tx, ckpts, mesh, data_iter, step: int | None = None):
-  """(graphdef, state, log_interval) from checkpoint `step` (default latest), or a
-  fresh init (log_interval {}): from the params checkpoint ``train.init_from``
-  when set (dsmoe.train.pretrained), else random. Restores `data_iter`'s state
-  when given.
-
-  The state lands in the sharding rules' layout on `mesh` (dsmoe.parallel.rules),
-  whatever mesh the checkpoint was saved from: Orbax reads each device's pieces.
-  """
-  if step is not None or ckpts.latest_step() is not None:
-    graphdef, shapes = step_lib.abstract_state(config, tx)
-    state, data = ckpts.restore(rules.with_shardings(shapes, mesh), step)
-    if data_iter is not None:
-      where = ckpts.path(int(state["step"]))
-      data_iter.set_state(data_state_for_this_process(data, where))
-    return graphdef, state, data.get("log_interval", {}) if isinstance(data, dict) else {}
-  if config.train.init_from:
-    from dsmoe.train import pretrained  # noqa: PLC0415
-    graphdef, shapes = step_lib.abstract_state(config, tx)
-    return graphdef, pretrained.init_state(config, tx, rules.with_shardings(shapes, mesh)), {}
-  graphdef, state = step_lib.init_sharded(config, tx, mesh)
-  return graphdef, state, {}

@@ -24,11 +24,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dsmoe import config as config_lib
 from dsmoe import errors
 from dsmoe.data.evalset import EvalSet, make_eval_set, mean_and_se
-from dsmoe.errors import WorkdirError
+from dsmoe.errors import CheckpointError, WorkdirError
+from dsmoe.parallel.mesh import global_batch, make_mesh
 from dsmoe.train import checkpoint as checkpoint_lib
 from dsmoe.train import optimizer as optimizer_lib
 from dsmoe.train import preflight
-from dsmoe.train.mesh import global_batch, make_mesh
+from dsmoe.train import state as state_lib
 
 DOCUMENTS_FILE = "eval_documents.json"  # per-document results of the final evaluation
 
@@ -104,10 +105,11 @@ def evaluate(config, graphdef, state, mesh, *, full: bool = False,
   return {**summary(loss_d, tokens_d, full=full), "eval_set": fingerprint}
 
 
-def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
+def evaluate_checkpoint(spec, workdir: str, step: int | None = None, *,
                         full: bool | None = None, output: str | None = None) -> dict:
   """Evaluates checkpoint `step` (default: latest) of `workdir` (without
-  checkpoints: the ``train.init_from`` params, see :func:`restore_params`).
+  checkpoints: the ``train.init_from`` params, see :func:`restore_params`);
+  `spec` is resolved (a ConfigDict is resolved here).
 
   `full` (default: `train.eval_full_at_end`) scores the whole evaluation set.
   Writes the result to `output` (default ``<workdir>/eval_step<N>.json``,
@@ -116,7 +118,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
   error holds the result. Raises CheckpointError when the checkpoint is
   missing or does not match.
   """
-  config = config_lib.resolve(config)
+  config = config_lib.resolve(spec)
   full = config.train.eval_full_at_end if full is None else full
   workdir = os.path.abspath(workdir)
   out_dir = os.path.dirname(os.path.abspath(output)) if output else workdir
@@ -125,9 +127,10 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
   if jax.process_index() == 0 and has_params:  # else restore_params names what is missing
     preflight.check_writable(out_dir, what="output folder", hint="give --output=PATH "
                              "(evaluate.py) to write the result elsewhere")
-  graphdef, state, ckpt = restore_params(config, workdir, step)
+  mesh = make_mesh(config.mesh)
+  graphdef, state, ckpt = restore_params(config, workdir, step, mesh=mesh)
   result = {"step": int(state["step"]), "checkpoint": ckpt,
-            **evaluate(config, graphdef, state, make_mesh(config.mesh), full=full)}
+            **evaluate(config, graphdef, state, mesh, full=full)}
   path = os.path.abspath(output) if output else os.path.join(
       workdir, f"eval_step{result['step']}.json")
   if jax.process_index() == 0:
@@ -136,8 +139,9 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
   return result
 
 
-def restore_params(config, workdir: str, step: int | None = None):
-  """(graphdef, state, checkpoint path) of checkpoint `step` (default latest).
+def restore_params(config, workdir: str, step: int | None = None, *, mesh=None):
+  """(graphdef, state, checkpoint path) of checkpoint `step` (default latest),
+  on `mesh` (default: the config's).
 
   A workdir without checkpoints gives the params of ``train.init_from``
   (step 0, no optimizer state built): the state a training run there would
@@ -145,6 +149,7 @@ def restore_params(config, workdir: str, step: int | None = None):
   none or it does not match the config.
   """
   workdir = os.path.abspath(workdir)
+  mesh = mesh if mesh is not None else make_mesh(config.mesh)
   ckpts = None
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
@@ -152,14 +157,13 @@ def restore_params(config, workdir: str, step: int | None = None):
     if step is None and ckpts is not None:
       step = ckpts.latest_step()
     if step is None and config.train.init_from:
-      graphdef, state, _ = checkpoint_lib.init_or_restore(
-          config, optax.identity(), _NoCheckpoints(), make_mesh(config.mesh), None)
+      graphdef, state, _ = state_lib.init_or_restore(
+          config, optax.identity(), _NoCheckpoints(), mesh, None)
       return graphdef, state, config.train.init_from
     if ckpts is None or step is None:
-      raise checkpoint_lib.CheckpointError(f"no checkpoints in {workdir}/checkpoints")
+      raise CheckpointError(f"no checkpoints in {workdir}/checkpoints")
     tx = optimizer_lib.make_optimizer(config.train)
-    graphdef, state, _ = checkpoint_lib.init_or_restore(
-        config, tx, ckpts, make_mesh(config.mesh), None, step)
+    graphdef, state, _ = state_lib.init_or_restore(config, tx, ckpts, mesh, None, step)
   return graphdef, state, ckpts.path(int(state["step"]))
 
 

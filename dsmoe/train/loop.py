@@ -1,14 +1,17 @@
-"""train_and_evaluate(config, workdir): one training run, top to bottom.
+"""train_and_evaluate(spec, workdir): one training run, top to bottom.
 
-1. resolve + validate the config (before anything is traced);
+1. the resolved config (a ConfigDict is resolved and validated here, once,
+   before anything is traced);
 2. claim the workdir: writable, and locked against a second trainer
    (dsmoe.train.lock; process 0);
 3. build the mesh (data x fsdp x expert, dsmoe.parallel), the optimizer, the
+   abstract train state (once: dsmoe.train.state.AbstractState, for the
+   disk check, the restore, the step's shardings and the FLOP count), the
    data iterator, the checkpoint manager, with the checks of
    dsmoe.train.preflight (training and validation data readable, free disk
    for a checkpoint); restore the latest checkpoint of `workdir` (model, optimizer, step,
    data-iterator state, unfinished logging interval; checked against the
-   config) onto the mesh's shardings, or initialise sharded;
+   config) onto the mesh's shardings, or initialise sharded (dsmoe.train.state);
 4. loop: global batch -> jitted train_step (donated state) -> non-finite
    check -> metrics averaged over the logging interval (jsonl, TensorBoard,
    tqdm) -> checkpoint every `train.checkpoint_every` steps, each only if
@@ -38,20 +41,23 @@ from dsmoe import config as config_lib
 from dsmoe import errors
 from dsmoe.data import make_loader
 from dsmoe.data.evalset import make_eval_set
+from dsmoe.errors import ConfigError
+from dsmoe.parallel.mesh import check_model_fits, global_batch, make_mesh
 from dsmoe.train import checkpoint as checkpoint_lib
 from dsmoe.train import metrics as metrics_lib
 from dsmoe.train import optimizer as optimizer_lib
 from dsmoe.train import preflight
+from dsmoe.train import state as state_lib
 from dsmoe.train import step as step_lib
 from dsmoe.train.evaluation import DOCUMENTS_FILE, evaluate
-from dsmoe.train.mesh import check_model_fits, global_batch, make_mesh
 from dsmoe.train.signals import StopOnSignal
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(errors.UserError, FloatingPointError):
   """The loss, gradient or parameters became NaN/inf (train.skip_nonfinite
   off), parameters to be saved give a non-finite loss or gradient, or too
-  many steps were skipped (train.max_skipped_fraction)."""
+  many steps were skipped (train.max_skipped_fraction). Expected (one
+  ``error:`` line, naming the last good checkpoint): the run diverged."""
 
 
 @dataclasses.dataclass
@@ -67,6 +73,7 @@ class Run:
   flops_per_token: float
   interval: metrics_lib.Interval
   eval_set: object  # dsmoe.data.evalset.EvalSet, the same for every evaluation
+  shardings: object  # of every state leaf (dsmoe.train.state.AbstractState)
   probe_fn: object = None  # jitted dsmoe.train.step.probe_step (at the first save)
 
   @property
@@ -78,7 +85,7 @@ def _check_batch(config, mesh: Mesh) -> None:
   t = config.train
   per_device = t.batch_size // t.grad_accum_steps
   if t.batch_size % mesh.size or per_device % mesh.size:
-    raise ValueError(f"config.train.batch_size={t.batch_size} is invalid: with "
+    raise ConfigError(f"config.train.batch_size={t.batch_size} is invalid: with "
                      f"train.grad_accum_steps={t.grad_accum_steps}, each micro-batch "
                      f"({per_device}) must split over the {mesh.size} devices")
 
@@ -132,7 +139,8 @@ def _save(run: Run, step: int, state, data_iter, batch) -> None:
 def _train(run: Run, state, data_iter, stop: StopOnSignal):
   """The step loop; returns (state, stopped_by_signal)."""
   t = run.config.train
-  train_fn = step_lib.jit_train_step(run.config, run.graphdef, run.tx, run.mesh)
+  train_fn = step_lib.jit_train_step(run.config, run.graphdef, run.tx, run.mesh,
+                                     run.shardings)
   peak_total = (t.peak_flops or metrics_lib.measure_peak_flops()) * jax.device_count()
   start = int(state["step"])
   clock, tokens = time.perf_counter(), 0.0
@@ -199,34 +207,36 @@ def _plot(workdir: str) -> None:
   print(f"plot: {plots.plot_run(workdir)}")
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint).
+def train_and_evaluate(spec, workdir: str) -> dict:
+  """Trains `spec` (a dsmoe.spec.Spec from ``dsmoe.resolve``; a ConfigDict is
+  resolved here, once) in `workdir`, resuming from its latest checkpoint.
 
   Returns {"step", "stopped", "eval_loss", "eval_perplexity", ...} and the
   final state under "state".
   """
-  fpt = accounting.flops_per_token(config)
-  config = config_lib.resolve(config)
+  spec = config_lib.resolve(spec)
   workdir = os.path.abspath(workdir)
   with contextlib.ExitStack() as stack:
     preflight.claim_workdir(workdir, stack)
-    mesh = make_mesh(config.mesh)
-    check_model_fits(config, mesh)
-    _check_batch(config, mesh)
-    tx = optimizer_lib.make_optimizer(config.train)
-    data_iter, eval_set = preflight.open_data(config, make_loader, make_eval_set)
-    ckpts = checkpoint_lib.Checkpoints(workdir, config.train.keep_checkpoints)
+    mesh = make_mesh(spec.mesh)
+    check_model_fits(spec, mesh)
+    _check_batch(spec, mesh)
+    tx = optimizer_lib.make_optimizer(spec.train)
+    abstract = state_lib.abstract_state(spec, tx, mesh)  # the one abstract model of this run
+    fpt = accounting.flops_per_token(spec, params=abstract.shapes["params"])
+    data_iter, eval_set = preflight.open_data(spec, make_loader, make_eval_set)
+    ckpts = checkpoint_lib.Checkpoints(workdir, spec.train.keep_checkpoints)
     stack.enter_context(errors.closing(ckpts.close))
-    preflight.room_for_checkpoint(  # after Orbax removed unfinished saves
-        ckpts.directory, lambda: step_lib.abstract_state(config, tx)[1])
-    graphdef, state, interval = checkpoint_lib.init_or_restore(config, tx, ckpts, mesh,
-                                                               data_iter)
+    preflight.room_for_checkpoint(ckpts.directory, abstract.shapes)  # after Orbax
+    # removed unfinished saves
+    graphdef, state, interval = state_lib.init_or_restore(spec, tx, ckpts, mesh, data_iter,
+                                                          abstract=abstract)
     start = int(state["step"])
     writer = metrics_lib.MetricWriter(workdir, resume_step=start,
                                       enabled=jax.process_index() == 0)
     stack.enter_context(errors.closing(writer.close))
-    run = Run(config, workdir, mesh, graphdef, tx, ckpts, writer, fpt,
-              metrics_lib.Interval(interval), eval_set)
+    run = Run(spec, workdir, mesh, graphdef, tx, ckpts, writer, fpt,
+              metrics_lib.Interval(interval), eval_set, abstract.shardings)
     if run.main:
       print(f"{'resuming from step ' + str(start) if start else 'starting'}: "
             f"workdir {workdir}, {jax.device_count()} devices (mesh {dict(mesh.shape)}), "

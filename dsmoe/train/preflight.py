@@ -4,8 +4,8 @@ and has room for one more checkpoint, and the training and validation data
 can be read. With several processes each check runs on every process (or
 process 0) and all of them fail together (:func:`together`).
 
-(The config is validated by :func:`dsmoe.config.resolve` and a checkpoint
-is checked against it by :meth:`dsmoe.train.checkpoint.Checkpoints.restore`,
+(The config is validated by :func:`dsmoe.config.resolve`, once, and a
+checkpoint is checked against it by :meth:`dsmoe.train.checkpoint.Checkpoints.restore`,
 both also before the first step.) Each check raises one error naming the
 path or key and what to do.
 """
@@ -86,25 +86,26 @@ def claim_workdir(workdir: str, stack) -> None:
   together(claim, f"claiming workdir {workdir}")
 
 
-def room_for_checkpoint(folder: str, abstract_state_fn) -> None:
-  """:func:`check_disk_space` on process 0 for ``abstract_state_fn()``."""
+def room_for_checkpoint(folder: str, abstract_state) -> None:
+  """:func:`check_disk_space` on process 0 for `abstract_state`."""
   def check():
     if jax.process_index() == 0:
-      check_disk_space(folder, abstract_state_fn())
+      check_disk_space(folder, abstract_state)
   together(check, "checking free disk space")
 
 
 def _reading(split: str, config, fn):
-  """``fn()``; unexpected errors become one ValueError naming the split and source."""
+  """``fn()``; unexpected errors (of the readers: array_record, grain, TFDS)
+  become one DataError naming the split and source."""
   d = config.data
   source = f"data.tfds_name={d.tfds_name!r}" if d.tfds_name else (
       f"data.text_dir={d.text_dir!r}" if d.text_dir else "the default corpus")
   try:
     return fn()
-  except (ValueError, OSError):
+  except (errors.UserError, OSError):
     raise
   except Exception as e:  # noqa: BLE001 - array_record and grain raise anything
-    raise ValueError(f"{source}: reading the {split!r} split failed: {type(e).__name__}: "
+    raise errors.DataError(f"{source}: reading the {split!r} split failed: {type(e).__name__}: "
                      f"{errors.short(e)}; if it comes from the cache in data.data_dir="
                      f"{d.data_dir!r}, delete that dataset's folder to rebuild it") from e
 

@@ -65,13 +65,21 @@ def state_shardings(config: Spec, tx: optax.GradientTransformation, mesh):
   return graphdef, rules.tree_shardings(shapes, mesh)
 
 
-def init_sharded(config: Spec, tx: optax.GradientTransformation, mesh):
+def init_sharded(config: Spec, tx: optax.GradientTransformation, mesh, shardings=None):
   """(graphdef, state) initialised directly into its shardings on `mesh`
-  (jit with out_shardings: each device computes only its own pieces)."""
-  graphdef, shardings = state_shardings(config, tx, mesh)
+  (jit with out_shardings: each device computes only its own pieces).
+  `shardings`: those of :func:`state_shardings`, when known already."""
+  graphdef = None
+  if shardings is None:
+    graphdef, shardings = state_shardings(config, tx, mesh)
+  out = {}
+
+  def init():
+    out["graphdef"], state = init_state(config, tx)
+    return state
   with jax.set_mesh(mesh):
-    state = jax.jit(lambda: init_state(config, tx)[1], out_shardings=shardings)()
-  return graphdef, state
+    state = jax.jit(init, out_shardings=shardings)()
+  return graphdef or out["graphdef"], state
 
 
 def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array):
@@ -196,16 +204,18 @@ class OnMesh:
       return self.jitted.lower(*args)
 
 
-def jit_train_step(config: Spec, graphdef, tx, mesh=None) -> OnMesh:
+def jit_train_step(config: Spec, graphdef, tx, mesh=None, shardings=None) -> OnMesh:
   """train_step jitted with the state donated (updated in place); on `mesh`
-  the new state keeps the sharding rules' layout."""
+  the new state keeps the sharding rules' layout (`shardings`: those of
+  :func:`state_shardings`, when known already)."""
   t = config.train
   fn = functools.partial(train_step, graphdef=graphdef, tx=tx,
                          schedule=optimizer_lib.make_schedule(t),
                          accum=t.grad_accum_steps, skip_nonfinite=t.skip_nonfinite)
   if mesh is None:
     return OnMesh(jax.jit(fn, donate_argnums=0), None)
-  _, shardings = state_shardings(config, tx, mesh)
+  if shardings is None:
+    _, shardings = state_shardings(config, tx, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return OnMesh(jax.jit(fn, donate_argnums=0, out_shardings=(shardings, replicated)), mesh)
 

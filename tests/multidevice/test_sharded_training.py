@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 import dsmoe
-from dsmoe.parallel import hlo, plan, rules
+from dsmoe.parallel import hlo, rules
 from dsmoe.parallel import mesh as mesh_lib
-from dsmoe.train import checkpoint, optimizer, step
+from dsmoe import params_io
+from dsmoe.train import checkpoint, optimizer, plan, step
+from dsmoe.train import state as state_lib
 from tests.conftest import small_config
 from tests.multidevice.helpers import make_mesh, mesh_id
 
@@ -121,7 +123,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   tx = optimizer.make_optimizer(spec.train)
   src = make_mesh(expert=8)
   ckpts = checkpoint.Checkpoints(str(tmp_path))
-  graphdef, state, _ = checkpoint.init_or_restore(spec, tx, ckpts, src, None)
+  graphdef, state, _ = state_lib.init_or_restore(spec, tx, ckpts, src, None)
   state, _ = step.jit_train_step(spec, graphdef, tx, src)(state, mesh_lib.global_batch(
       batch(spec), src))
   ckpts.save(1, state, {"step": 0})
@@ -129,7 +131,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   saved = jax.device_get(state)
   dst = make_mesh(data=2, expert=4)
   spec2 = config(**{"mesh.data": 2, "mesh.expert": 4})
-  _, restored, _ = checkpoint.init_or_restore(spec2, tx, ckpts, dst, None)
+  _, restored, _ = state_lib.init_or_restore(spec2, tx, ckpts, dst, None)
   ckpts.close()
   w = restored["params"]["blocks"][1]["ffn"]["w_up_edf"]
   assert w.sharding.mesh.shape == dst.shape
@@ -145,19 +147,18 @@ def test_init_from_params_land_in_the_meshs_shardings(tmp_path):
   """train.init_from (a params-only checkpoint, e.g. a converted release) on
   fsdp=2 x expert=4: the params equal the saved ones, already split by the
   rules (each device holds E/4 experts, half of d_model), Adam moments zero."""
-  from dsmoe.train import pretrained  # pylint: disable=g-import-not-at-top
   spec = config(**{"mesh.data": 1, "mesh.fsdp": 2, "mesh.expert": 4})
   tx = optimizer.make_optimizer(spec.train)
   rng = np.random.default_rng(5)
   _, shapes = step.abstract_state(spec, tx)
   saved = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes["params"])
-  pretrained.save_streaming(str(tmp_path / "params"), jax.tree.map(
-      lambda a: pretrained.LazyArray(a.shape, a.dtype, lambda a=a: a), saved))
+  params_io.save_streaming(str(tmp_path / "params"), jax.tree.map(
+      lambda a: params_io.LazyArray(a.shape, a.dtype, lambda a=a: a), saved))
   spec = config(**{"mesh.data": 1, "mesh.fsdp": 2, "mesh.expert": 4,
                    "train.init_from": str(tmp_path / "params")})
   mesh = make_mesh(fsdp=2, expert=4)
   ckpts = checkpoint.Checkpoints(str(tmp_path / "run"))
-  _, state, _ = checkpoint.init_or_restore(spec, tx, ckpts, mesh, None)
+  _, state, _ = state_lib.init_or_restore(spec, tx, ckpts, mesh, None)
   ckpts.close()
   w = state["params"]["blocks"][1]["ffn"]["w_up_edf"]
   assert w.sharding.mesh.shape == mesh.shape

@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from dsmoe.errors import DataError
+
 
 def _read_json(path: str) -> dict:
   if not os.path.isfile(path):
@@ -39,7 +41,7 @@ class HFTokenizer:
     try:
       self._tok = Tokenizer.from_file(file)
     except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions
-      raise ValueError(f"{file!r} is not a HuggingFace tokenizer.json ({e})") from None
+      raise DataError(f"{file!r} is not a HuggingFace tokenizer.json ({e})") from None
     self.path = file
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     folder = os.path.dirname(file)

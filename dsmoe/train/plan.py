@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from dsmoe import config as config_lib
 from dsmoe.parallel import hlo
 from dsmoe.parallel import mesh as mesh_lib
-from dsmoe.parallel import rules
 from dsmoe.train import optimizer as optimizer_lib
+from dsmoe.train import state as state_lib
 from dsmoe.train import step as step_lib
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
@@ -34,26 +34,23 @@ def abstract_batch(spec, mesh) -> dict:
   return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in BATCH_KEYS}
 
 
-def compile_train_step(config, mesh):
-  """The compiled train step of `config` on `mesh` (nothing allocated)."""
+def compile_train_step(config, mesh, abstract: state_lib.AbstractState | None = None):
+  """The compiled train step of `config` on `mesh` (nothing allocated);
+  `abstract`: the state of :func:`dsmoe.train.state.abstract_state`, if built."""
   spec = config_lib.resolve(config)
   mesh_lib.check_model_fits(spec, mesh)
   tx = optimizer_lib.make_optimizer(spec.train)
-  graphdef, shapes = step_lib.abstract_state(spec, tx)
-  state = rules.with_shardings(shapes, mesh)
-  fn = step_lib.jit_train_step(spec, graphdef, tx, mesh)
-  return fn.lower(state, abstract_batch(spec, mesh)).compile()
+  abstract = abstract or state_lib.abstract_state(spec, tx, mesh)
+  fn = step_lib.jit_train_step(spec, abstract.graphdef, tx, mesh, abstract.shardings)
+  return fn.lower(abstract.shapes, abstract_batch(spec, mesh)).compile()
 
 
-def state_bytes_per_device(config, mesh) -> dict[str, int]:
+def state_bytes_per_device(abstract: state_lib.AbstractState) -> dict[str, int]:
   """Bytes of params and optimizer state one device holds under the rules."""
-  spec = config_lib.resolve(config)
-  tx = optimizer_lib.make_optimizer(spec.train)
-  _, shapes = step_lib.abstract_state(spec, tx)
   out = {}
   for part in ("params", "opt_state"):
     total = 0
-    for s in jax.tree.leaves(rules.with_shardings(shapes[part], mesh)):
+    for s in jax.tree.leaves(abstract.shapes[part]):
       shard = s.sharding.shard_shape(s.shape)
       total += jnp.dtype(s.dtype).itemsize * math.prod(shard)
     out[part] = total
@@ -62,7 +59,9 @@ def state_bytes_per_device(config, mesh) -> dict[str, int]:
 
 def memory_plan(config, mesh) -> dict:
   """Per-device memory of the compiled step and its collectives per step."""
-  compiled = compile_train_step(config, mesh)
+  spec = config_lib.resolve(config)
+  abstract = state_lib.abstract_state(spec, optimizer_lib.make_optimizer(spec.train), mesh)
+  compiled = compile_train_step(spec, mesh, abstract)
   m = compiled.memory_analysis()
   memory = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
             "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
@@ -70,5 +69,5 @@ def memory_plan(config, mesh) -> dict:
                              + memory["temporaries"])
   colls = hlo.collectives(compiled.as_text())
   return {"mesh": dict(mesh.shape), "memory": memory,
-          "state": state_bytes_per_device(config, mesh),
+          "state": state_bytes_per_device(abstract),
           "collectives": colls, "summary": hlo.summary(colls)}

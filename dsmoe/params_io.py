@@ -4,9 +4,13 @@ A params checkpoint is an Orbax PyTree checkpoint whose tree is the model's
 parameters as a pure dict, with the same paths as ``state["params"]`` of the
 train state (``blocks/3/ffn/w_gate_edf``). ``scripts/convert_hf.py`` writes
 one (``<dir>/params``); ``train.init_from`` starts a training run from one
-(step 0, fresh optimizer state); the evaluator and the generator read them.
-The ``params`` subtree of a training checkpoint (``<workdir>/checkpoints/
-<step>/state``) is read the same way.
+(step 0, fresh optimizer state: dsmoe.train.state); the evaluator, the
+generator and dsmoe.interop read them. The ``params`` subtree of a training
+checkpoint (``<workdir>/checkpoints/<step>/state``, written by
+dsmoe.train.checkpoint) is read the same way (:func:`run_checkpoint`).
+
+Nothing here depends on training: inference and conversion use this module
+alone.
 
 :func:`save_streaming` writes a tree of :class:`LazyArray` one array at a
 time: each is materialised, written and dropped before the next, so the
@@ -20,13 +24,14 @@ import os
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dsmoe.train import checkpoint as checkpoint_lib
+from dsmoe.errors import CheckpointError
 
-CheckpointError = checkpoint_lib.CheckpointError
+# A training run's checkpoints: <workdir>/CHECKPOINTS/<step>/STATE (the train
+# state pytree, whose PARAMS subtree holds the parameters).
+CHECKPOINTS, STATE, PARAMS = "checkpoints", "state", "params"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,44 +172,29 @@ def restore_numpy(path: str, keys: list[str], prefix: tuple = ()) -> dict[str, n
   return {k: flat[k] for k in keys}
 
 
+def checkpoints_dir(workdir: str) -> str:
+  """The folder of a training run's checkpoints."""
+  return os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+
+
 def run_checkpoint(workdir: str, step: int | None = None) -> tuple[str, tuple]:
   """(path, prefix) of the params of a training run's checkpoint `step`
   (default: the latest)."""
-  ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
+  directory = checkpoints_dir(workdir)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True, create=False))
   try:
-    step = ckpts.latest_step() if step is None else step
-    if step is None or step not in ckpts.all_steps():
-      raise CheckpointError(f"no checkpoint {'' if step is None else step} in "
-                            f"{ckpts.directory} (available steps: {ckpts.all_steps()})")
-    return os.path.join(ckpts.path(step), "state"), ("params",)
+    steps = list(manager.all_steps())
+    step = manager.latest_step() if step is None else step
   finally:
-    ckpts.close()
-
-
-def init_state(config, tx, shapes):
-  """A train state at step 0 whose params come from ``config.train.init_from``.
-
-  `shapes` is the abstract train state (with shardings); the optimizer state
-  is fresh and the non-parameter variables ("rest") are initialised.
-  """
-  from dsmoe.train import step as step_lib  # noqa: PLC0415 (step imports the model)
-  path = config.train.init_from
-  if not os.path.isdir(path):
-    raise CheckpointError(f"train.init_from={path!r}: no params checkpoint there "
-                          "(a folder written by scripts/convert_hf.py, or its params/)")
-  path = params_dir(path)
-  check_matches(path, shapes["params"])
-  params = restore(path, shapes["params"])
-  shardings = jax.tree.map(lambda s: s.sharding, shapes)
-  rest = jax.jit(lambda: step_lib.init_state(config, tx)[1]["rest"],
-                 out_shardings=shardings["rest"])()
-  opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-  zero = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings["step"])
-  return {"step": zero(), "skipped": zero(), "params": params, "rest": rest,
-          "opt_state": opt_state}
+    manager.close()
+  if step is None or step not in steps:
+    raise CheckpointError(f"no checkpoint {'' if step is None else step} in "
+                          f"{directory} (available steps: {steps})")
+  return os.path.join(directory, str(step), STATE), (PARAMS,)
 
 
 def params_dir(path: str) -> str:
   """`path` itself, or its ``params`` subfolder (a converted model folder)."""
-  sub = os.path.join(path, "params")
+  sub = os.path.join(path, PARAMS)
   return sub if os.path.isdir(sub) else path
