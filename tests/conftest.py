@@ -1,8 +1,7 @@
-"""Shared test helpers: the shipped configs and one small-config builder."""
+"""Session set-up and the shared fixtures; plain helpers are in tests/helpers.py."""
 
 import atexit
 import os
-import pathlib
 import shutil
 import tempfile
 
@@ -16,51 +15,30 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
   atexit.register(shutil.rmtree, _cache_dir, True)
 
-import pytest  # noqa: E402  (after the cache variable)
+import jax  # noqa: E402  (after the cache variable)
+import pytest  # noqa: E402
 
-import dsmoe  # noqa: E402
-from dsmoe import config as config_lib  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Re-exported for imports not yet moved to tests.helpers.
+from tests.helpers import ROOT, SMALL, load_config, small_config  # noqa: E402,F401
 
 # tests/multidevice needs 8 (fake CPU) devices, which must be set before jax
 # starts: tests/test_parallel.py runs it in a subprocess with DSMOE_MULTIDEVICE=1.
 collect_ignore = [] if os.environ.get("DSMOE_MULTIDEVICE") else ["multidevice"]
-
-# configs/tiny.py's structure (dense layer 0, 2 shared + 30 routed experts,
-# top-6) at dimensions that train in seconds.
-SMALL = {"model.d_model": 32, "model.num_layers": 2, "model.num_heads": 2,
-         "model.dense_hidden": 64, "model.moe.fine_grained.ffn_hidden": 64,
-         "data.seq_len": 32, "train.batch_size": 4, "train.warmup_steps": 5,
-         "train.log_every": 1, "train.eval_batches": 1, "train.peak_flops": 1e9}
-
-
-def load_config(name: str, arg=None):
-  """A shipped config: configs/<name>.py -> get_config(arg)."""
-  return dsmoe.load(name, arg)
-
-
-def small_config(base: str = "tiny", **overrides):
-  """`base` (configs/tiny.py) shrunk by SMALL, then `overrides`.
-
-  Keys are dotted paths: ``small_config(**{"train.steps": 30})``. Setting any
-  explicit MoE size (``model.moe.num_routed_experts`` ...) turns the paper's
-  fine-grained form off, so all four sizes must then be given.
-  """
-  config = dsmoe.load(base)
-  values = {**SMALL, **overrides}
-  if any(k.startswith("model.moe.") and k.split(".")[-1] in config_lib.EXPLICIT_SIZES
-         for k in overrides):
-    values["model.moe.fine_grained.N"] = 0
-  for key, value in values.items():
-    node = config
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return config
+# tests/aot needs the TPU compiler and the CUDA plugin (the AOT environment,
+# `make aot-env`): tests/test_aot.py runs it there with DSMOE_AOT=1.
+if not os.environ.get("DSMOE_AOT"):
+  collect_ignore.append("aot")
 
 
 @pytest.fixture
 def tiny_config():
   return load_config("tiny")
+
+
+@pytest.fixture
+def full_precision_matmuls():
+  """float32 matmuls in full precision (GPUs default to TF32 otherwise); a
+  module applies it to every test with
+  ``pytestmark = pytest.mark.usefixtures("full_precision_matmuls")``."""
+  with jax.default_matmul_precision("highest"):
+    yield

@@ -124,13 +124,3 @@ def write_tokenizer(folder: str) -> None:
   tok.save(os.path.join(folder, "tokenizer.json"))
   with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
     f.write('{"bos_token": "<s>", "eos_token": {"content": "</s>"}}')
-
-
-def write_corpus(folder, n_files: int = 30, seed: int = 0) -> None:
-  """`n_files` small text files of random words."""
-  rng = np.random.default_rng(seed)
-  words = ["alpha", "beta", "gamma", "the", "cat", "sat", "on", "mat", "x", "y\n"]
-  os.makedirs(folder, exist_ok=True)
-  for i in range(n_files):
-    with open(os.path.join(folder, f"f{i:03d}.txt"), "w") as f:
-      f.write(" ".join(rng.choice(words, int(rng.integers(20, 80)))) + "\n")

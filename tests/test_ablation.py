@@ -17,7 +17,7 @@ import pytest
 
 import dsmoe
 from dsmoe.analysis import ablation, report
-from tests.conftest import ROOT, load_config
+from tests.helpers import ROOT, load_config
 
 D, F, LAYERS = 128, 352, 4
 FFN = 3 * D * F  # one standard SwiGLU FFN

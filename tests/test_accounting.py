@@ -3,7 +3,7 @@
 import pytest
 
 import dsmoe
-from tests.conftest import load_config
+from tests.helpers import load_config
 
 
 @pytest.mark.parametrize("name,total,activated,tol", [

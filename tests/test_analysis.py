@@ -21,15 +21,10 @@ from dsmoe.data import evalset
 from dsmoe.model import Transformer
 from dsmoe.model.router import gates
 from dsmoe.parallel.mesh import make_mesh
-from tests.conftest import ROOT, small_config
+from tests.helpers import ROOT, np_swiglu, small_config
 from tests.test_evalset import encode, texts
 
 SEQ = 8
-
-
-def np_swiglu(x, wg, wu, wd):
-  g, u = x @ wg, x @ wu
-  return (g / (1 + np.exp(-g)) * u) @ wd
 
 
 def trained_of(config, seed=0, **changes) -> experts.Trained:

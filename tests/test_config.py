@@ -8,7 +8,7 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (import check)
 
 import dsmoe
-from tests.conftest import ROOT, load_config
+from tests.helpers import ROOT, load_config
 
 CASES = [
     # (description, mutation, expected substring of the error)

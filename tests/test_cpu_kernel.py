@@ -22,11 +22,7 @@ from dsmoe.dispatch.common import gate_per_row
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
                                 reason="no C++ compiler on this machine")
 
-
-@pytest.fixture(autouse=True)
-def full_precision_matmuls():
-  with jax.default_matmul_precision("highest"):
-    yield
+pytestmark = [pytestmark, pytest.mark.usefixtures("full_precision_matmuls")]
 
 
 def pairwise_moe(x_td, idx_tk, weight_tk, w: ExpertWeights):

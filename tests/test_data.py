@@ -23,22 +23,9 @@ from dsmoe.data import corpus as corpus_lib
 from dsmoe.data import packing
 from dsmoe.data import tokenizer as tok_lib
 from dsmoe.data.local_text import local_text_builder
+from tests.helpers import write_corpus
 
 EOS = 255  # byte tokenizer
-
-
-def write_corpus(folder, n_files=24, seed=0, words=(5, 80)):
-  """`n_files` .txt files of random words (some non-ASCII); returns {relpath: text}."""
-  rng = np.random.default_rng(seed)
-  vocab = ["alpha", "beta", "gamma", "délta", "ε", "zeta\tz", "日本", "x", "  ", "y\n"]
-  texts = {}
-  for i in range(n_files):
-    rel = os.path.join(f"d{i % 3}", f"f{i:03d}.txt")
-    n = int(rng.integers(*words))
-    texts[rel] = " ".join(rng.choice(vocab, n)) + f" end{i}\n"
-    os.makedirs(folder / os.path.dirname(rel), exist_ok=True)
-    (folder / rel).write_text(texts[rel], encoding="utf-8")
-  return texts
 
 
 def make_config(tmp_path, text_dir, **data):

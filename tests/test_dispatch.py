@@ -18,7 +18,7 @@ import dsmoe
 from dsmoe import dispatch
 from dsmoe.dispatch import ExpertWeights, capacity, dense, dropless
 from dsmoe.model import Transformer
-from tests.conftest import small_config
+from tests.helpers import small_config
 
 D, H = 16, 8
 
@@ -39,11 +39,8 @@ PATHS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def full_precision_matmuls():
-  """float32 matmuls in full precision (GPUs default to TF32 otherwise)."""
-  with jax.default_matmul_precision("highest"):
-    yield
+# float32 matmuls in full precision (GPUs default to TF32 otherwise).
+pytestmark = pytest.mark.usefixtures("full_precision_matmuls")
 
 
 def path_fn(impl, **settings):

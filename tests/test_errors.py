@@ -20,23 +20,14 @@ import time
 
 import pytest
 
-from conftest import ROOT, SMALL
+from tests.helpers import ROOT, script_cmd, script_env
 from dsmoe.train import checkpoint
 
 RUN = {"train.steps": 2, "train.checkpoint_every": 1}
 
 
-def _cmd(script, workdir, overrides, *extra, config=f"{ROOT}/configs/tiny.py"):
-  flags = [f"--config.{k}={v}" for k, v in {**SMALL, **overrides}.items()]
-  return [sys.executable, str(ROOT / "scripts" / script), f"--config={config}",
-          f"--workdir={workdir}", *flags, *extra]
-
-
 def _run(cmd, env=None, timeout=300):
-  extra = env or {}
-  env = {k: v for k, v in os.environ.items() if k != "DSMOE_DEBUG"}
-  env.update({"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **extra})
-  return subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+  return subprocess.run(cmd, cwd=ROOT, env=script_env(**(env or {})), stdout=subprocess.PIPE,
                         stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
@@ -62,7 +53,7 @@ def _snapshot(folder) -> dict:
 def reference(tmp_path_factory):
   """A finished 2-step run with checkpoints 1 and 2."""
   workdir = tmp_path_factory.mktemp("reference") / "run"
-  res = _run(_cmd("train.py", workdir, RUN))
+  res = _run(script_cmd("train.py", workdir, RUN))
   assert res.returncode == 0, res.stdout[-3000:]
   return workdir
 
@@ -92,13 +83,13 @@ def workdir(reference, tmp_path):
 ], ids=["typo_in_key", "typo_in_parent", "unknown_key", "bad_value", "missing_config_file",
         "unknown_flag"])
 def test_command_line_mistake_is_one_line(tmp_path, args, needles):
-  res = _run(_cmd("train.py", tmp_path / "run", RUN, *args))
+  res = _run(script_cmd("train.py", tmp_path / "run", RUN, *args))
   _error(res, *needles, code=2)
   assert not (tmp_path / "run").exists()
 
 
 def test_missing_workdir_flag(tmp_path):
-  cmd = [c for c in _cmd("evaluate.py", tmp_path, RUN) if not c.startswith("--workdir")]
+  cmd = [c for c in script_cmd("evaluate.py", tmp_path, RUN) if not c.startswith("--workdir")]
   _error(_run(cmd), "--workdir is required", code=2)
 
 
@@ -152,7 +143,7 @@ def test_describe_knows_only_user_errors_and_file_system_errors():
 
 
 def test_invalid_config_value_is_one_line(tmp_path):
-  _error(_run(_cmd("train.py", tmp_path / "run", {**RUN, "train.steps": -1})),
+  _error(_run(script_cmd("train.py", tmp_path / "run", {**RUN, "train.steps": -1})),
          "config.train.steps=-1 is invalid: must be a positive number")
   assert not (tmp_path / "run").exists()
 
@@ -206,11 +197,11 @@ def _damaged_validation_shard(tmp_path):
 def test_bad_data_stops_before_the_first_step(workdir, tmp_path, make, needles):
   overrides = {**RUN, "train.steps": 4, "data.tokenizer": "bytes",
                "data.data_dir": tmp_path / "tfds", **make(tmp_path)}
-  _error(_run(_cmd("train.py", workdir, overrides)), *needles)
+  _error(_run(script_cmd("train.py", workdir, overrides)), *needles)
 
 
 def test_debug_shows_the_traceback(tmp_path):
-  res = _run(_cmd("train.py", tmp_path / "run", {**RUN, "data.text_dir": tmp_path / "nope"}),
+  res = _run(script_cmd("train.py", tmp_path / "run", {**RUN, "data.text_dir": tmp_path / "nope"}),
              env={"DSMOE_DEBUG": "1"})
   assert res.returncode == 1 and "Traceback" in res.stdout
   assert res.stdout.rstrip("\n").split("\n")[-1].startswith("error: data.text_dir")
@@ -220,7 +211,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_checkpoint_of_another_model_is_one_line(workdir):
-  _error(_run(_cmd("train.py", workdir, {**RUN, "train.steps": 4, "model.d_model": 48})),
+  _error(_run(script_cmd("train.py", workdir, {**RUN, "train.steps": 4, "model.d_model": 48})),
          f"checkpoint {workdir}/checkpoints/2 does not match the config",
          "checkpoint shape (", "!= config shape (")
 
@@ -237,7 +228,7 @@ def test_second_trainer_on_a_busy_workdir_is_refused(workdir):
     assert holder.stdout.readline() == "locked\n"
     lock_file = (workdir / "train.lock").read_text()
     t0 = time.time()
-    _error(_run(_cmd("train.py", workdir, {**RUN, "train.steps": 4})),
+    _error(_run(script_cmd("train.py", workdir, {**RUN, "train.steps": 4})),
            f"workdir {workdir} is in use by another trainer: process {holder.pid} on host",
            f"lock file {workdir}/train.lock")
     assert time.time() - t0 < 120  # refused at start-up, not after training
@@ -286,12 +277,12 @@ def test_read_only_workdir(reference, tmp_path):
   --output elsewhere writes its result there."""
   with _read_only_copy(reference, tmp_path) as ro:
     before = _snapshot(ro)
-    _error(_run(_cmd("train.py", ro, {**RUN, "train.steps": 4})),
+    _error(_run(script_cmd("train.py", ro, {**RUN, "train.steps": 4})),
            f"workdir {ro} is not writable (read-only file system", "use another --workdir")
-    _error(_run(_cmd("evaluate.py", ro, RUN)),
+    _error(_run(script_cmd("evaluate.py", ro, RUN)),
            f"output folder {ro} is not writable", "--output=PATH")
     out = tmp_path / "eval.json"
-    res = _run(_cmd("evaluate.py", ro, RUN, f"--output={out}"))
+    res = _run(script_cmd("evaluate.py", ro, RUN, f"--output={out}"))
     assert res.returncode == 0, res.stdout[-3000:]
     assert f"written to {out}" in res.stdout and '"step": 2' in out.read_text()
     assert _snapshot(ro) == before
@@ -299,7 +290,7 @@ def test_read_only_workdir(reference, tmp_path):
 
 def test_no_room_for_a_checkpoint_stops_before_the_first_step(tmp_path):
   with _tmpfs(tmp_path / "small", "1m") as disk:
-    _error(_run(_cmd("train.py", disk / "run", RUN)),
+    _error(_run(script_cmd("train.py", disk / "run", RUN)),
            f"not enough free disk space in {disk}/run/checkpoints for a checkpoint")
     assert not (disk / "run" / "metrics.jsonl").exists()
 
@@ -308,7 +299,7 @@ def test_disk_full_during_a_save_says_so_once_and_keeps_the_last_checkpoint(tmp_
   """3 MB hold the first checkpoint (1.8 MB) but not the second."""
   with _tmpfs(tmp_path / "disk", "3m") as disk:
     run = disk / "run"
-    res = _run(_cmd("train.py", run, RUN))
+    res = _run(script_cmd("train.py", run, RUN))
     _error(res, f"disk full: saving checkpoint {run}/checkpoints/2 failed",
            f"the last good checkpoint {run}/checkpoints/1 is kept")
     text = res.stdout.lower()

@@ -15,7 +15,7 @@ from dsmoe.data import evalset
 from dsmoe.model import Transformer
 from dsmoe.train import evaluation
 from dsmoe.parallel.mesh import make_mesh
-from tests.conftest import load_config, small_config
+from tests.helpers import load_config, small_config
 
 SEQ = 8
 

@@ -14,7 +14,7 @@ import dsmoe
 from dsmoe import generate as gen
 from dsmoe.interop import hf
 from dsmoe.model import Transformer
-from tests.conftest import ROOT, small_config
+from tests.helpers import ASCII_WORDS, ROOT, small_config, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +180,7 @@ def test_text_model_from_init_from_with_the_runs_sentencepiece(tmp_path, lm):
   """A config's own tokenizer (SentencePiece trained on its corpus) and the
   params of train.init_from, without a workdir."""
   from dsmoe import params_io
-  from tests.hf_checkpoints import write_corpus
-  write_corpus(str(tmp_path / "text"))
+  write_corpus(tmp_path / "text", n_files=30, words=(20, 80), vocab=ASCII_WORDS)
   config = small_config(**{"model.vocab_size": 64, "model.init_std": 0.3})
   config.model.vocab_size = 320
   config.data.update(dict(text_dir=str(tmp_path / "text"), data_dir=str(tmp_path / "tfds"),

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 from dsmoe.interop import hf
 from dsmoe import params_io
 from tests import hf_checkpoints as hc
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu",
            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))

@@ -21,7 +21,7 @@ from dsmoe.train import state as state_lib
 from dsmoe.train import train_and_evaluate
 from dsmoe.train.evaluation import evaluate_checkpoint
 from tests import hf_checkpoints as hc
-from tests.conftest import ROOT
+from tests.helpers import ASCII_WORDS, ROOT, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("hf_ft")
   folder, _, _ = hc.make(str(root / "hf"), seed=7, vocab_size=320)
   hc.write_tokenizer(folder)
-  hc.write_corpus(str(root / "text"))
+  write_corpus(root / "text", n_files=30, words=(20, 80), vocab=ASCII_WORDS)
   return str(root), hf.convert(folder, str(root / "model"))
 
 

@@ -6,17 +6,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import dsmoe
 from dsmoe.model import Transformer
 from dsmoe.model.attention import Attention
-from tests.conftest import small_config
+from tests.helpers import small_spec
 
 
 def small(impl="dropless", **model):
   """ModelSpec of a 3-layer small config; `model` overrides config.model keys."""
   overrides = {"model.num_layers": 3, "model.moe.impl": impl}
   overrides.update({f"model.{k}": v for k, v in model.items()})
-  return dsmoe.resolve(small_config(**overrides)).model
+  return small_spec(**overrides).model
 
 
 def test_causality_future_tokens_do_not_change_earlier_logits():

@@ -8,20 +8,7 @@ from flax import nnx
 
 import dsmoe
 from dsmoe.model import MoE, Transformer
-from tests.conftest import load_config, small_config
-
-
-def small_model_cfg(impl="dense", shared=2, routed=6, top_k=2, hidden=8, d=16, **moe):
-  """The ModelSpec of a small config with explicit MoE sizes (init std 0.3)."""
-  sizes = dict(num_routed_experts=routed, num_shared_experts=shared, top_k=top_k,
-               expert_hidden=hidden, impl=impl, **moe)
-  return dsmoe.resolve(small_config(**{"model.d_model": d, "model.init_std": 0.3},
-                                    **{f"model.moe.{k}": v for k, v in sizes.items()})).model
-
-
-def np_swiglu(x, wg, wu, wd):
-  g, u = x @ wg, x @ wu
-  return ((g / (1 + np.exp(-g))) * u) @ wd
+from tests.helpers import load_config, np_swiglu, small_config, small_moe_spec
 
 
 def np_moe(block, x):
@@ -47,7 +34,7 @@ def np_moe(block, x):
 
 @pytest.mark.parametrize("impl", ["dense", "dropless"])
 def test_moe_matches_numpy_formula(impl):
-  block = MoE(small_model_cfg(impl), rngs=nnx.Rngs(0))
+  block = MoE(small_moe_spec(impl), rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 5, 16))
   y, aux, stats = block(x, jnp.zeros((2, 5), jnp.int32))
   np.testing.assert_allclose(y, np_moe(block, x), rtol=1e-4, atol=1e-5)
@@ -58,7 +45,7 @@ def test_moe_matches_numpy_formula(impl):
 
 
 def test_shared_experts_apply_to_every_token_routed_only_to_selected():
-  cfg = small_model_cfg("dense", shared=1, routed=4, top_k=1)
+  cfg = small_moe_spec("dense", shared=1, routed=4, top_k=1)
   block = MoE(cfg, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(2), (1, 8, 16))
   tokens = jnp.zeros((1, 8), jnp.int32)
@@ -85,7 +72,7 @@ def test_dropless_equals_dense_forward_and_gradients(backend):
   tokens = jnp.zeros((2, 7), jnp.int32)
 
   def loss_and_grads(impl):
-    block = MoE(small_model_cfg(impl, routed=8, top_k=3, gmm_backend=backend),
+    block = MoE(small_moe_spec(impl, routed=8, top_k=3, gmm_backend=backend),
                 rngs=nnx.Rngs(0))
 
     def f(block, x):
@@ -104,7 +91,7 @@ def test_dropless_equals_dense_forward_and_gradients(backend):
 
 
 def test_aux_loss_gradient_reaches_router():
-  block = MoE(small_model_cfg("dense", aux_loss_alpha=0.1, device_balance_alpha=0.2,
+  block = MoE(small_moe_spec("dense", aux_loss_alpha=0.1, device_balance_alpha=0.2,
                               num_device_groups=2), rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(4), (2, 6, 16))
 
@@ -124,7 +111,7 @@ def np_hash_expert(token_ids, num_experts):
 
 
 def test_hash_router_sends_each_token_to_its_hashed_expert():
-  cfg = small_model_cfg("dense", shared=0, routed=4, top_k=1, router="hash")
+  cfg = small_moe_spec("dense", shared=0, routed=4, top_k=1, router="hash")
   block = MoE(cfg, rngs=nnx.Rngs(0))
   tokens = np.arange(40, 52)[None]  # 12 token ids
   expected = np_hash_expert(tokens[0], 4)

@@ -11,7 +11,7 @@ import pathlib
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 MAX_BYTES = 100_000  # saved notebooks stay small (no large outputs)

@@ -26,7 +26,7 @@ from flax import nnx
 
 import dsmoe
 from dsmoe.model import MoE
-from tests.conftest import small_config
+from tests.helpers import small_config
 
 # Kernels of one forward+backward: 3 gmm forward (gate, up, down); backward
 # d_lhs (gmm with rhs transposed) and d_rhs (tgmm) for each of the three.

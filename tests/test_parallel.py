@@ -15,7 +15,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import ROOT
+from tests.helpers import ROOT, script_env
 from dsmoe.parallel import hlo, rules
 from dsmoe.parallel.mesh import axis_sizes
 
@@ -106,17 +106,12 @@ def test_hlo_collectives_with_loop_counts_bytes_and_groups():
   assert hlo.summary(list(got.values()))["all-gather"] == {"count": 27, "bytes": 27 * 512}
 
 
-def _env(devices):
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "DSMOE_MULTIDEVICE": "1",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["test_expert_parallel.py", "test_sharded_training.py"])
 def test_multidevice_suite(name):
   """tests/multidevice/<name> in a process with 8 fake CPU devices."""
   res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        str(ROOT / "tests" / "multidevice" / name)], cwd=ROOT, env=_env(8),
+                        str(ROOT / "tests" / "multidevice" / name)], cwd=ROOT, env=script_env(8, DSMOE_MULTIDEVICE="1"),
                        capture_output=True, text=True, timeout=1500)
   print(res.stdout[-3000:])
   assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]

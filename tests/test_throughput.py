@@ -5,7 +5,7 @@ import pytest
 
 import dsmoe
 from dsmoe.train import throughput
-from tests.conftest import load_config, small_config
+from tests.helpers import load_config, small_config
 
 
 @pytest.mark.parametrize("variant", ["deepseekmoe", "gshard", "m2"])

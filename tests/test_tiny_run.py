@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dsmoe.train import train_and_evaluate
-from tests.conftest import load_config
+from tests.helpers import load_config
 
 
 @pytest.mark.slow

@@ -14,18 +14,13 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import load_config, small_config
 from dsmoe import config as config_lib
 from dsmoe import flops_per_token
 from dsmoe.errors import CheckpointError
 from dsmoe.train import NonFiniteError, loop, metrics, optimizer, step
 from dsmoe.train import state as state_lib
 from dsmoe.train.checkpoint import Checkpoints
-
-
-def read_losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+from tests.helpers import load_config, read_losses, small_config
 
 
 # ---------------------------------------------------------------- schedules

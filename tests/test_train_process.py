@@ -8,35 +8,23 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, SMALL, small_config
-from test_train import read_losses
+from tests.helpers import ROOT, read_losses, script_cmd, script_env, small_config
 
 STEPS = 16
 # Log every 3 steps, save every 4: a resume starts inside a logging interval.
 RUN = {"train.steps": STEPS, "train.checkpoint_every": 4, "train.log_every": 3}
 
 
-def _cmd(script, workdir, overrides, *extra):
-  flags = [f"--config.{k}={v}" for k, v in {**SMALL, **overrides}.items()]
-  return [sys.executable, str(ROOT / "scripts" / script), f"--config={ROOT}/configs/tiny.py",
-          f"--workdir={workdir}", *flags, *extra]
-
-
-def _env():
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-
-
 def _start(workdir, overrides, *extra, log=None):
   log = open(log or f"{workdir}.log", "w")
-  return subprocess.Popen(_cmd("train.py", workdir, overrides, *extra), cwd=ROOT,
-                          env=_env(), stdout=log, stderr=subprocess.STDOUT)
+  return subprocess.Popen(script_cmd("train.py", workdir, overrides, *extra), cwd=ROOT,
+                          env=script_env(), stdout=log, stderr=subprocess.STDOUT)
 
 
 def _finish(proc, timeout=400):
@@ -164,9 +152,9 @@ runpy.run_path(script, run_name="__main__")
 def _start_same_batches(tmp_path, workdir, *extra, log, overrides=RUN, devices=1):
   launcher = tmp_path / "same_global_batch.py"
   launcher.write_text(SAME_GLOBAL_BATCH)
-  cmd = _cmd("train.py", workdir, overrides, *extra)
+  cmd = script_cmd("train.py", workdir, overrides, *extra)
   cmd.insert(1, str(launcher))
-  env = {**_env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  env = script_env(devices)
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"),
                           stderr=subprocess.STDOUT)
 
@@ -225,8 +213,8 @@ def test_two_processes_with_expert_parallelism_equal_one_device(tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_script_on_a_saved_run(reference):
-  res = subprocess.run(_cmd("evaluate.py", reference, RUN, f"--step={STEPS}"), cwd=ROOT,
-                       env=_env(), capture_output=True, text=True, timeout=300)
+  res = subprocess.run(script_cmd("evaluate.py", reference, RUN, f"--step={STEPS}"), cwd=ROOT,
+                       env=script_env(), capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   with open(reference / f"eval_step{STEPS}.json") as f:
     result = json.load(f)
@@ -238,7 +226,7 @@ def test_evaluate_script_on_a_saved_run(reference):
 
 
 def test_evaluate_script_without_checkpoints_is_one_error(tmp_path):
-  res = subprocess.run(_cmd("evaluate.py", tmp_path, RUN), cwd=ROOT, env=_env(),
+  res = subprocess.run(script_cmd("evaluate.py", tmp_path, RUN), cwd=ROOT, env=script_env(),
                        capture_output=True, text=True, timeout=300)
   assert res.returncode == 1
   assert f"no checkpoints in {tmp_path}/checkpoints" in res.stderr
@@ -254,8 +242,8 @@ def test_truncated_checkpoint_is_one_clear_error(reference, tmp_path):
   biggest = max((p for p in state_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
   biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
   before = sorted(os.listdir(workdir / "checkpoints"))
-  res = subprocess.run(_cmd("train.py", workdir, {**RUN, "train.steps": STEPS + 4}), cwd=ROOT,
-                       env=_env(), capture_output=True, text=True, timeout=300)
+  res = subprocess.run(script_cmd("train.py", workdir, {**RUN, "train.steps": STEPS + 4}), cwd=ROOT,
+                       env=script_env(), capture_output=True, text=True, timeout=300)
   assert res.returncode == 1
   last = res.stderr.rstrip("\n").split("\n")[-1]
   assert last.startswith(f"error: checkpoint {workdir}/checkpoints/{STEPS} cannot be "

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from conftest import small_config
 from dsmoe.errors import WorkdirError
 from dsmoe.train import lock as lock_lib
 from dsmoe.train import loop, preflight
+from tests.helpers import small_config
 
 
 def _write_lock(workdir, **info):

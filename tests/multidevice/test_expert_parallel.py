@@ -17,7 +17,7 @@ from dsmoe.dispatch import ExpertWeights
 from dsmoe.model import MoE
 from dsmoe.parallel import expert as expert_lib
 from dsmoe.parallel import mesh as mesh_lib
-from tests.conftest import small_config
+from tests.helpers import np_swiglu, small_config
 from tests.multidevice.helpers import MESHES, emulated_ragged_all_to_all, make_mesh, mesh_id, put
 
 E, K, D = 16, 3, 16
@@ -69,11 +69,6 @@ def test_exchange_equals_single_device(axes, exchange, monkeypatch):
   np.testing.assert_allclose(gx1, gx0, rtol=1e-4, atol=1e-6)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gs0), jax.tree.leaves(gs1)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
-
-
-def np_swiglu(x, wg, wu, wd):
-  g, u = x @ wg, x @ wu
-  return ((g / (1 + np.exp(-g))) * u) @ wd
 
 
 def np_capacity_kept(idx, weight, devices, per_device, cap, policy):

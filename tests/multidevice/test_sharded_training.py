@@ -12,13 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-import dsmoe
 from dsmoe.parallel import hlo, rules
 from dsmoe.parallel import mesh as mesh_lib
 from dsmoe import params_io
 from dsmoe.train import checkpoint, optimizer, plan, step
 from dsmoe.train import state as state_lib
-from tests.conftest import small_config
+from tests.helpers import small_spec
 from tests.multidevice.helpers import make_mesh, mesh_id
 
 E, D, F = 16, 24, 40  # distinctive sizes, easy to spot in HLO shapes
@@ -31,7 +30,7 @@ def config(**over):
             "model.moe.ep_capacity_factor": 8.0, "data.seq_len": 16,
             "train.batch_size": 16, "train.grad_accum_steps": 2, "train.warmup_steps": 1,
             **over}
-  return dsmoe.resolve(small_config(**values))
+  return small_spec(**values)
 
 
 def batch(spec, seed=0):
