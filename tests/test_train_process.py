@@ -1,6 +1,10 @@
 """Trainer tests that run scripts/train.py and scripts/evaluate.py as processes:
 exact resume after SIGKILL, SIGTERM saves and exits 0, two CPU processes with
-jax.distributed equal one process, evaluate.py on a saved run."""
+jax.distributed equal one process, evaluate.py on a saved run.
+
+Runs that do not depend on each other start together (the two kill cadences,
+the two signals, the one-process run beside the two processes), so they
+overlap on the cores."""
 
 import json
 import os
@@ -74,36 +78,70 @@ def reference(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("every", [4, 1])  # 1: the kill mostly lands in a save
-def test_sigkill_then_resume_is_bitwise_exact(reference, tmp_path, every):
-  kill_at = random.randint(2, STEPS - 7)  # logged every 3: leaves >= 7 steps to kill in
-  print(f"killing at step {kill_at}")
-  workdir = tmp_path / "run"
-  proc = _start(workdir, {**RUN, "train.checkpoint_every": every})
-  _wait_for_step(workdir, kill_at, proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert max(s for s, _ in read_losses(workdir)) < STEPS, "finished before the kill"
-  _train(workdir)  # resumes from the latest complete checkpoint
-  assert read_losses(workdir) == read_losses(reference)
-  got, want = _params(workdir, STEPS), _params(reference, STEPS)
-  jax.tree.map(np.testing.assert_array_equal, got, want)
+def _logged_step(workdir):
+  """The last step in workdir/metrics.jsonl (0 before the first)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    steps = [json.loads(l)["step"] for l in f if l.endswith("\n")]
+  return steps[-1] if steps else 0
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_and_exits_0(tmp_path, sig):
-  workdir = tmp_path / "run"
-  proc = _start(workdir, {"train.steps": 100000, "train.checkpoint_every": 1000})
-  _wait_for_step(workdir, 2, proc)
-  proc.send_signal(sig)
-  assert _finish(proc, timeout=120) == 0
-  out = open(f"{workdir}.log").read()
+def test_sigkill_then_resume_is_bitwise_exact(reference, tmp_path):
+  """Saving every 4 steps, and every step (the kill mostly lands in a save);
+  the two runs side by side, each killed as soon as it logs its step."""
+  runs = {}
+  for every in (4, 1):
+    kill_at = random.randint(2, STEPS - 7)  # logged every 3: leaves >= 7 steps to kill in
+    print(f"checkpoint_every={every}: killing at step {kill_at}")
+    workdir = tmp_path / f"every{every}"
+    runs[every] = (workdir, kill_at, _start(workdir, {**RUN, "train.checkpoint_every": every}))
+  alive, t0 = set(runs), time.time()
+  while alive:
+    for every in sorted(alive):
+      workdir, kill_at, proc = runs[every]
+      if proc.poll() is not None or _logged_step(workdir) >= kill_at:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        alive.discard(every)
+    if time.time() - t0 > 300:
+      for every in alive:
+        runs[every][2].kill()
+      raise TimeoutError(f"checkpoint_every={sorted(alive)}: no kill step logged")
+    time.sleep(0.02)
+  for every, (workdir, _, _) in runs.items():
+    assert _logged_step(workdir) < STEPS, f"checkpoint_every={every}: finished before the kill"
+  # Both resume from their latest complete checkpoint.
+  resumed = {every: _start(workdir, RUN) for every, (workdir, _, _) in runs.items()}
+  for every, proc in resumed.items():
+    workdir = runs[every][0]
+    assert _finish(proc) == 0, open(f"{workdir}.log").read()[-3000:]
+  want = _params(reference, STEPS)
+  for every, (workdir, _, _) in runs.items():
+    assert read_losses(workdir) == read_losses(reference), f"checkpoint_every={every}"
+    jax.tree.map(np.testing.assert_array_equal, _params(workdir, STEPS), want)
+
+
+@pytest.mark.slow
+def test_signal_saves_and_exits_0(tmp_path):
+  """SIGTERM and SIGINT, one run each, side by side."""
+  runs = {}
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    workdir = tmp_path / sig.name
+    runs[sig] = (workdir, _start(workdir, {"train.steps": 100000, "train.checkpoint_every": 1000}))
+  for sig, (workdir, proc) in runs.items():
+    _wait_for_step(workdir, 2, proc)
+    proc.send_signal(sig)
   from dsmoe.train.checkpoint import Checkpoints
-  last = Checkpoints(workdir, read_only=True).latest_step()
-  assert last is not None and last >= 2
-  assert f"{sig.name}: stopped after step {last}; saved checkpoint {workdir}/checkpoints/{last}" in out
+  for sig, (workdir, proc) in runs.items():
+    assert _finish(proc, timeout=120) == 0, (sig.name, open(f"{workdir}.log").read()[-3000:])
+    out = open(f"{workdir}.log").read()
+    last = Checkpoints(workdir, read_only=True).latest_step()
+    assert last is not None and last >= 2, sig.name
+    assert (f"{sig.name}: stopped after step {last}; saved checkpoint "
+            f"{workdir}/checkpoints/{last}") in out
 
 
 def _free_port():
@@ -151,7 +189,8 @@ runpy.run_path(script, run_name="__main__")
 
 def _start_same_batches(tmp_path, workdir, *extra, log, overrides=RUN, devices=1):
   launcher = tmp_path / "same_global_batch.py"
-  launcher.write_text(SAME_GLOBAL_BATCH)
+  if not launcher.exists():  # written once: a process started before may be reading it
+    launcher.write_text(SAME_GLOBAL_BATCH)
   cmd = script_cmd("train.py", workdir, overrides, *extra)
   cmd.insert(1, str(launcher))
   env = script_env(devices)
@@ -162,13 +201,13 @@ def _start_same_batches(tmp_path, workdir, *extra, log, overrides=RUN, devices=1
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
   one = tmp_path / "one"
-  assert _finish(_start_same_batches(tmp_path, one, log=f"{one}.log")) == 0, \
-      open(f"{one}.log").read()[-3000:]
+  alone = _start_same_batches(tmp_path, one, log=f"{one}.log")  # beside the two below
   two = tmp_path / "two"
   port = _free_port()
   procs = [_start_same_batches(tmp_path, two, f"--coordinator_address=127.0.0.1:{port}",
                                "--num_processes=2", f"--process_id={i}", log=f"{two}.{i}.log")
            for i in range(2)]
+  assert _finish(alone) == 0, open(f"{one}.log").read()[-3000:]
   rcs = [_finish(p) for p in procs]
   assert rcs == [0, 0], open(f"{two}.0.log").read()[-3000:] + open(f"{two}.1.log").read()[-3000:]
   assert "2 processes" in open(f"{two}.0.log").read()
@@ -191,8 +230,7 @@ def test_two_processes_with_expert_parallelism_equal_one_device(tmp_path):
   """2 processes x 4 CPU devices (gloo), mesh expert=8: the token exchange
   crosses the processes; losses and parameters equal a one-device run."""
   one = tmp_path / "one"
-  assert _finish(_start_same_batches(tmp_path, one, log=f"{one}.log", overrides=EP)) == 0, \
-      open(f"{one}.log").read()[-3000:]
+  alone = _start_same_batches(tmp_path, one, log=f"{one}.log", overrides=EP)  # beside the two
   two = tmp_path / "two"
   port = _free_port()
   ep_mesh = {**EP, "mesh.data": 1, "mesh.expert": 8}
@@ -200,6 +238,7 @@ def test_two_processes_with_expert_parallelism_equal_one_device(tmp_path):
                                "--num_processes=2", f"--process_id={i}", log=f"{two}.{i}.log",
                                overrides=ep_mesh, devices=4)
            for i in range(2)]
+  assert _finish(alone) == 0, open(f"{one}.log").read()[-3000:]
   rcs = [_finish(p) for p in procs]
   assert rcs == [0, 0], open(f"{two}.0.log").read()[-3000:] + open(f"{two}.1.log").read()[-3000:]
   assert "8 devices (mesh {'data': 1, 'fsdp': 1, 'expert': 8}), 2 processes" in \
