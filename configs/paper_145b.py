@@ -26,7 +26,7 @@ def get_config(arg=None):
   m.moe.num_routed_experts, m.moe.num_shared_experts = 128, 4
   m.moe.top_k, m.moe.expert_hidden = 12, 1408
   m.moe.aux_loss_alpha, m.moe.seq_aux = 0.003, False
-  m.moe.device_balance_alpha, m.moe.num_device_groups = 0.05, 4
+  m.moe.device_balance_alpha = 0.05  # a2 over the D = mesh.expert = 4 device groups
   m.init_std = 0.006
   c.data.seq_len = 4096
   c.data.vocab_size = 102_400  # bring the tokenizer: --config.data.tokenizer_path
@@ -35,4 +35,5 @@ def get_config(arg=None):
   c.train.learning_rate = 3.0e-4
   c.train.warmup_steps = 2000
   c.train.schedule = "constant"
+  c.mesh.expert = 4  # the paper's 4 device groups: routed experts split over 4 devices
   return c

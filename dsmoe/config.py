@@ -28,17 +28,11 @@ import ml_collections
 from ml_collections import config_dict
 
 from dsmoe.errors import ConfigError
-from dsmoe.spec import MoESpec, ModelSpec, Spec
+from dsmoe.spec import (DROP_POLICIES, EP_EXCHANGES, GMM_BACKENDS, GMM_STRATEGIES, IMPLS,
+                        MESH_AXES, REMAT_POLICIES, ExpertPlan, MoESpec, ModelSpec, Spec)
 
-IMPLS = ("dense", "dropless", "capacity")
-EP_EXCHANGES = ("auto", "allgather", "all_to_all", "ragged_all_to_all")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_moe_exchange")
-MESH_AXES = ("data", "fsdp", "expert")
-GMM_BACKENDS = ("auto", "blocked", "ragged_dot", "pallas")
-GMM_STRATEGIES = ("auto", "loop", "kernel", "batched")
 SCORE_FNS = ("softmax", "sigmoid")
 ROUTERS = ("topk", "hash")
-DROP_POLICIES = ("position", "score")
 DTYPES = ("float32", "bfloat16")
 EXPLICIT_SIZES = ("num_routed_experts", "num_shared_experts", "top_k", "expert_hidden")
 SCHEDULES = ("paper_step", "cosine", "constant")
@@ -82,23 +76,26 @@ def base_config() -> ml_collections.ConfigDict:
   e.routed_scaling_factor = 1.0
   e.aux_loss_alpha = 0.01  # a1, expert-level balance
   e.seq_aux = True  # expert balance computed per sequence (released 16B)
+  # Device-level settings act on D = mesh.expert groups of consecutive routed
+  # experts (the devices of expert parallelism); they need mesh.expert >= 2.
   e.device_balance_alpha = 0.0  # a2, device-level balance
-  e.num_device_groups = 1  # D groups of consecutive routed experts (= mesh.expert under EP)
   e.max_devices_per_token = 0  # M of V2 device-limited routing; 0: no limit
   e.comm_balance_alpha = 0.0  # a3, V2 communication balance (needs M > 0)
+  # The routed experts' implementation (docs/MODEL.md, "Routed-expert
+  # implementations", has the table; a setting that cannot apply is refused):
+  e.impl = "dropless"  # "dense" (reference), "dropless", "capacity"
+  e.gmm_backend = "auto"  # grouped matmul: "auto" (by platform), "blocked",
+  # "ragged_dot", "pallas" (Pallas kernels: TPU/GPU; on CPU interpreted, tests only)
+  e.gmm_strategy = "auto"  # how "blocked" runs: "auto" (CPU: "loop", else
+  # "batched"), "loop", "batched", "kernel" (opt-in C++ CPU kernel, float32)
+  e.block_size = 0  # rows per single-expert block ("blocked", "pallas"); 0: from the shape
+  e.capacity_factor = 1.25  # training: capacity = factor * tokens * top_k / groups,
+  # per expert (impl="capacity") or per destination device (ep_exchange="all_to_all")
+  e.eval_capacity_factor = 0.0  # the same at evaluation; 0: never drop
+  e.drop_policy = "position"  # who is dropped first: "position" or "score"
   e.ep_exchange = "auto"  # token exchange when mesh.expert > 1: "allgather",
   # "all_to_all" (per-device capacity), "ragged_all_to_all" (TPU/GPU);
   # "auto": ragged_all_to_all on TPU/GPU, allgather on CPU
-  e.ep_capacity_factor = 1.25  # all_to_all: rows per destination device =
-  # factor * tokens * top_k / mesh.expert (training; evaluation uses eval_capacity_factor)
-  e.impl = "dropless"  # "dense" (reference), "dropless", "capacity"
-  e.gmm_backend = "auto"  # grouped matmul: "auto", "blocked", "ragged_dot", "pallas"
-  # ("pallas": Pallas kernels, TPU/GPU; on CPU interpreted, for tests only)
-  e.gmm_strategy = "auto"  # how "blocked" runs: "auto", "kernel" or "loop" (CPU), "batched" (GPU)
-  e.block_size = 0  # rows per single-expert block of "blocked"/"pallas"; 0: from the shape
-  e.capacity_factor = 1.25  # capacity = factor * tokens * top_k / experts
-  e.eval_capacity_factor = 0.0  # 0: never drop at evaluation
-  e.drop_policy = "position"  # "position" or "score"
 
   c.data = d = ml_collections.ConfigDict()  # see docs/DATA.md
   d.seq_len = 128  # tokens per packed row
@@ -109,10 +106,14 @@ def base_config() -> ml_collections.ConfigDict:
   d.validation_percent = 5.0  # local_text: % of files (by path hash) held out
   d.data_dir = "data_cache/tfds"  # TFDS data and tokenizer cache
   d.tokenizer = "sentencepiece"  # "sentencepiece" (BPE), "bytes" (256), "hf" (tokenizer.json)
-  d.vocab_size = 8192  # SentencePiece pieces (paper 2B: 8K); <= model.vocab_size
+  # The next four are read only where a SentencePiece BPE is trained
+  # (tokenizer="sentencepiece", no tokenizer_path): "bytes" has 256 ids with
+  # pad/bos/eos 0/254/255, and an existing .model or tokenizer.json brings
+  # its own vocabulary and special ids.
+  d.vocab_size = 8192  # BPE pieces to train (paper 2B: 8K); <= model.vocab_size
+  d.tokenizer_sample_bytes = 4_000_000  # training-split text to train the BPE on
+  d.pad_id, d.bos_id, d.eos_id = 0, 1, 2  # the trained BPE's special ids
   d.tokenizer_path = ""  # an existing SentencePiece .model ("": train + cache) or, for "hf", a tokenizer.json
-  d.tokenizer_sample_bytes = 4_000_000  # training-split text to train BPE on
-  d.pad_id, d.bos_id, d.eos_id = 0, 1, 2  # SentencePiece ids (bytes: 0, 254, 255)
   d.add_bos = False  # documents: [BOS] tokens EOS
   d.num_threads = 2  # grain threads reading + tokenizing documents
   d.prefetch_docs = 64  # documents read ahead
@@ -147,7 +148,6 @@ def base_config() -> ml_collections.ConfigDict:
   mesh.data = -1  # pure data parallel (replicated weights); -1: what is left
   mesh.fsdp = 1  # data parallel with weights + optimizer state sharded (FSDP)
   mesh.expert = 1  # expert parallel: routed experts split over these devices
-  mesh.tensor = 1  # tensor parallelism is not implemented: must be 1
   return c
 
 
@@ -157,18 +157,24 @@ def fine_grained(N: int, m: int, K: int, K_s: int, ffn_hidden: int) -> dict:
               top_k=m * K - K_s, expert_hidden=ffn_hidden // m)
 
 
-def resolve(config) -> Spec:
+def resolve(config, *, platform: str | None = None) -> Spec:
   """Validates `config` and returns its frozen, hashable :class:`Spec`.
 
   MoE sizes given in the paper's form are filled in, ``head_dim=0`` becomes
-  ``d_model // num_heads``. A `Spec` passes through unchanged.
+  ``d_model // num_heads``, and the routed experts' :class:`ExpertPlan` is
+  resolved for `platform` ("cpu", "tpu", "gpu"; default: the platform JAX
+  runs on here), the one the step will be lowered for. A `Spec` passes
+  through unchanged.
   """
   if isinstance(config, Spec):
     return config
-  validate(config)
+  validate(config, platform=platform)
   m = config.model
   moe = dict(m.moe.to_dict(), **moe_sizes(m.moe))
-  del moe["fine_grained"]
+  for key in ("fine_grained", *PLAN_KEYS):
+    del moe[key]
+  moe.update(num_device_groups=max(1, config.mesh.expert),
+             plan=expert_plan(config, platform))
   model = dict(m.to_dict(), moe=MoESpec(**moe),
                head_dim=m.head_dim or m.d_model // m.num_heads)
   return Spec(model=ModelSpec(**model), data=_frozen(config.data),
@@ -285,8 +291,12 @@ def _validate_moe_sizes(e) -> tuple[int, int, int, int]:
   return tuple(sizes[k] for k in EXPLICIT_SIZES)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises one ConfigError naming the first key that breaks a rule."""
+def validate(config: ml_collections.ConfigDict, *, platform: str | None = None) -> None:
+  """Raises one ConfigError naming the first key that breaks a rule.
+
+  `platform`: the one the step is lowered for (default: JAX's here); the
+  routed experts' settings are checked against the plan they resolve to there.
+  """
   m, e, d, t = config.model, config.model.moe, config.data, config.train
   _positive(m, "model", ("vocab_size", "d_model", "num_layers", "num_heads",
                          "dense_hidden", "moe_layer_freq", "rope_theta",
@@ -305,32 +315,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   n_routed, n_shared, top_k, _ = _validate_moe_sizes(e)
   _one_of(e, "model.moe", "router", ROUTERS)
   _one_of(e, "model.moe", "score_fn", SCORE_FNS)
-  _one_of(e, "model.moe", "impl", IMPLS)
-  _one_of(e, "model.moe", "gmm_backend", GMM_BACKENDS)
-  _one_of(e, "model.moe", "gmm_strategy", GMM_STRATEGIES)
-  _one_of(e, "model.moe", "drop_policy", DROP_POLICIES)
   if e.router == "hash" and top_k != 1:
     _fail("model.moe.top_k", "the hash router picks exactly one expert (top_k=1)", top_k)
   for k in ("aux_loss_alpha", "device_balance_alpha"):
     if e[k] < 0:
       _fail(f"model.moe.{k}", "balance-loss weights must be >= 0", e[k])
-  _positive(e, "model.moe", ("num_device_groups", "routed_scaling_factor",
-                             "capacity_factor"))
-  if not isinstance(e.block_size, int) or e.block_size < 0:
-    _fail("model.moe.block_size", "must be an integer >= 0 (0: chosen from the shape)",
-          e.block_size)
-  if e.gmm_backend == "pallas" and e.block_size and (
-      e.block_size < 16 or e.block_size & (e.block_size - 1)):
-    _fail("model.moe.block_size", "with gmm_backend='pallas' it is the kernels' row "
-          "tile: 0 or a power of two >= 16", e.block_size)
-  if e.eval_capacity_factor < 0:
-    _fail("model.moe.eval_capacity_factor", "must be >= 0 (0: no dropping)", e.eval_capacity_factor)
-  if n_routed % e.num_device_groups:
-    _fail("model.moe.num_device_groups", "must divide the number of routed "
-          f"experts ({n_routed})", e.num_device_groups)
-  _validate_device_routing(e, n_routed, top_k)
-  _one_of(e, "model.moe", "ep_exchange", EP_EXCHANGES)
-  _positive(e, "model.moe", ("ep_capacity_factor",))
+  _positive(e, "model.moe", ("routed_scaling_factor",))
+  _validate_device_routing(e, config.mesh.expert, n_routed, top_k)
+  expert_plan(config, platform)  # the routed-expert settings
   _one_of(m, "model", "remat", REMAT_POLICIES)
   if not isinstance(m.scan_layers, bool):
     _fail("model.scan_layers", "must be True or False", m.scan_layers)
@@ -378,10 +370,6 @@ def validate_mesh(config: ml_collections.ConfigDict) -> None:
   if sum(mesh[k] == -1 for k in MESH_AXES) > 1:
     _fail("mesh", "at most one of mesh.data, mesh.fsdp, mesh.expert may be -1",
           {k: mesh[k] for k in MESH_AXES})
-  if mesh.tensor != 1:
-    _fail("mesh.tensor", "tensor parallelism is not implemented; shard the weights "
-          "with mesh.fsdp and the routed experts with mesh.expert (set mesh.tensor=1)",
-          mesh.tensor)
   known = [mesh[k] for k in MESH_AXES if mesh[k] > 0]
   if len(known) == len(MESH_AXES):
     n = mesh.data * mesh.fsdp * mesh.expert
@@ -398,22 +386,14 @@ def check_expert_parallel(e, expert: int, num_routed: int) -> None:
   if e.impl != "dropless":
     _fail("model.moe.impl", "expert parallelism (mesh.expert > 1) runs each device's "
           "experts with the dropless path; for per-device capacity use "
-          "model.moe.ep_exchange='all_to_all' with model.moe.ep_capacity_factor", e.impl)
-  if expert == -1:
-    return
-  if num_routed % expert:
+          "model.moe.ep_exchange='all_to_all' with model.moe.capacity_factor", e.impl)
+  if expert != -1 and num_routed % expert:
     _fail("mesh.expert", f"must divide the {num_routed} routed experts", expert)
-  device_level = (e.device_balance_alpha > 0 or e.max_devices_per_token > 0
-                  or e.comm_balance_alpha > 0)
-  if device_level and e.num_device_groups != expert:
-    _fail("model.moe.num_device_groups", "the device groups of the device-level "
-          "balance loss, device-limited routing and the communication loss are the "
-          f"devices of the expert axis: set it to mesh.expert={expert}",
-          e.num_device_groups)
 
 
-def _validate_device_routing(e, n_routed: int, top_k: int) -> None:
-  """DeepSeek-V2 device-limited routing (M devices) and its balance loss (a3)."""
+def _validate_device_routing(e, expert: int, n_routed: int, top_k: int) -> None:
+  """Device-level balance (a2), DeepSeek-V2 device-limited routing (M devices)
+  and its communication balance loss (a3), over the D = mesh.expert devices."""
   m_dev = e.max_devices_per_token
   if not isinstance(m_dev, int) or isinstance(m_dev, bool) or m_dev < 0:
     _fail("model.moe.max_devices_per_token", "must be an integer >= 0 (0: no limit)", m_dev)
@@ -424,18 +404,125 @@ def _validate_device_routing(e, n_routed: int, top_k: int) -> None:
     _fail("model.moe.comm_balance_alpha", "the communication balance loss counts "
           "tokens per device over M devices: set model.moe.max_devices_per_token",
           e.comm_balance_alpha)
+  for k in ("device_balance_alpha", "max_devices_per_token"):
+    if e[k] > 0 and expert < 2:
+      _fail(f"model.moe.{k}", "acts on the devices of expert parallelism: needs "
+            f"mesh.expert >= 2, given explicitly (it is {expert})", e[k])
   if m_dev == 0:
     return
   if e.router != "topk":
     _fail("model.moe.max_devices_per_token", "device-limited routing needs the "
           "learned router (model.moe.router='topk')", m_dev)
-  if e.num_device_groups < 2 or m_dev > e.num_device_groups:
-    _fail("model.moe.max_devices_per_token", "must be <= model.moe.num_device_groups="
-          f"{e.num_device_groups} (and that must be >= 2)", m_dev)
-  per_device = n_routed // e.num_device_groups
-  if m_dev * per_device < top_k:
-    _fail("model.moe.max_devices_per_token", f"{m_dev} devices of {per_device} experts "
-          f"each cannot hold top_k={top_k} experts", m_dev)
+  if m_dev > expert:
+    _fail("model.moe.max_devices_per_token", f"must be <= mesh.expert={expert}", m_dev)
+  if n_routed % expert == 0 and m_dev * (n_routed // expert) < top_k:
+    _fail("model.moe.max_devices_per_token", f"{m_dev} devices of {n_routed // expert} "
+          f"experts each cannot hold top_k={top_k} experts", m_dev)
+
+
+# The model.moe keys that resolve into the ExpertPlan (MoESpec.plan).
+PLAN_KEYS = ("impl", "gmm_backend", "gmm_strategy", "block_size", "capacity_factor",
+             "eval_capacity_factor", "drop_policy", "ep_exchange")
+# Each platform's choice where a setting is "auto" (docs/MODEL.md has the
+# table): TPUs have a native grouped matmul (ragged_dot); GPUs run a few large
+# batched matmuls (each kernel launch costs); CPUs run the fused XLA loop,
+# which moves the least memory. "auto" picks neither the Pallas kernels nor
+# the C++ CPU kernel: both are asked for by name.
+AUTO_GROUPED = {"tpu": "ragged_dot", "gpu": "batched", "cpu": "loop"}
+AUTO_EXCHANGE = {"tpu": "ragged_all_to_all", "gpu": "ragged_all_to_all", "cpu": "allgather"}
+
+
+def platform_of(platform: str | None) -> str:
+  """"cpu", "tpu" or "gpu" (cuda and rocm): `platform`, default JAX's here."""
+  if platform is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    platform = jax.default_backend()
+  platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+  if platform not in AUTO_GROUPED:
+    _fail("platform", f"must be one of {list(AUTO_GROUPED)}", platform)
+  return platform
+
+
+def expert_plan(config: ml_collections.ConfigDict, platform: str | None = None) -> ExpertPlan:
+  """The routed experts' :class:`ExpertPlan` on `platform` (default: JAX's
+  here); a setting that does not apply to that plan is refused, naming it."""
+  e, platform = config.model.moe, platform_of(platform)
+  _one_of(e, "model.moe", "impl", IMPLS)
+  _one_of(e, "model.moe", "gmm_backend", GMM_BACKENDS)
+  _one_of(e, "model.moe", "gmm_strategy", GMM_STRATEGIES)
+  _one_of(e, "model.moe", "drop_policy", DROP_POLICIES)
+  _one_of(e, "model.moe", "ep_exchange", ("auto", *EP_EXCHANGES))
+  _positive(e, "model.moe", ("capacity_factor",))
+  if not isinstance(e.eval_capacity_factor, (int, float)) or e.eval_capacity_factor < 0:
+    _fail("model.moe.eval_capacity_factor", "must be >= 0 (0: no dropping)",
+          e.eval_capacity_factor)
+  if not isinstance(e.block_size, int) or isinstance(e.block_size, bool) or e.block_size < 0:
+    _fail("model.moe.block_size", "must be an integer >= 0 (0: chosen from the shape)",
+          e.block_size)
+  expert_parallel = config.mesh.expert != 1
+  exchange = e.ep_exchange if e.ep_exchange != "auto" else AUTO_EXCHANGE[platform]
+  _check_applies(e, expert_parallel, exchange)
+  grouped = "" if e.impl == "dense" else _grouped(e, platform)
+  if grouped == "ragged_dot" and e.block_size:
+    auto = "" if e.gmm_backend == "ragged_dot" else f" (gmm_backend='auto' on {platform})"
+    _fail("model.moe.block_size", f"ragged_dot{auto} runs on the unpadded sorted rows, "
+          "without blocks: set gmm_backend='blocked' or 'pallas', or block_size=0",
+          e.block_size)
+  if grouped == "pallas" and e.block_size and (
+      e.block_size < 16 or e.block_size & (e.block_size - 1)):
+    _fail("model.moe.block_size", "with gmm_backend='pallas' it is the kernels' row "
+          "tile: 0 or a power of two >= 16", e.block_size)
+  if grouped == "kernel":
+    if platform != "cpu":
+      _fail("model.moe.gmm_strategy", f"the C++ kernel runs on CPU only, not on {platform}",
+            e.gmm_strategy)
+    dtypes = sorted({config.model.dtype, config.model.param_dtype})
+    if dtypes != ["float32"]:
+      _fail("model.moe.gmm_strategy", "the C++ CPU kernel computes in float32: it needs "
+            f"model.dtype and model.param_dtype 'float32' (they are {dtypes}); use 'loop'",
+            e.gmm_strategy)
+  if exchange == "ragged_all_to_all" and expert_parallel and platform == "cpu":
+    _fail("model.moe.ep_exchange", "XLA:CPU has no ragged all-to-all: use 'allgather' "
+          "(dropless) or 'all_to_all' on CPU", e.ep_exchange)
+  return ExpertPlan(dispatch=e.impl, grouped=grouped, block_size=e.block_size,
+                    capacity_factor=float(e.capacity_factor),
+                    eval_capacity_factor=float(e.eval_capacity_factor),
+                    drop_policy=e.drop_policy, ep_exchange=exchange, platform=platform)
+
+
+def _grouped(e, platform: str) -> str:
+  """The grouped SwiGLU implementation that gmm_backend and gmm_strategy name."""
+  if e.gmm_backend in ("ragged_dot", "pallas"):
+    if e.gmm_strategy != "auto":
+      _fail("model.moe.gmm_strategy", "says how gmm_backend='blocked' runs; "
+            f"gmm_backend={e.gmm_backend!r} has no strategy: leave it 'auto'", e.gmm_strategy)
+    return e.gmm_backend
+  if e.gmm_strategy != "auto":  # a strategy of "blocked" implies "blocked"
+    return e.gmm_strategy
+  if e.gmm_backend == "blocked":
+    return "loop" if platform == "cpu" else "batched"
+  return AUTO_GROUPED[platform]
+
+
+_NO_GROUPED = "impl='dense' runs every expert on every token (no grouped matmul)"
+_NO_DROPS = "only impl='capacity' and ep_exchange='all_to_all' drop pairs"
+_WHY_UNUSED = {"gmm_backend": _NO_GROUPED, "gmm_strategy": _NO_GROUPED,
+               "block_size": _NO_GROUPED, "capacity_factor": _NO_DROPS,
+               "eval_capacity_factor": _NO_DROPS, "drop_policy": _NO_DROPS,
+               "ep_exchange": "it is the token exchange of expert parallelism (mesh.expert > 1)"}
+
+
+def _check_applies(e, expert_parallel: bool, exchange: str) -> None:
+  """Refuses a routed-expert setting, changed from its default, that nothing reads."""
+  defaults = base_config().model.moe
+  drops = e.impl == "capacity" or (expert_parallel and exchange == "all_to_all")
+  unused = {"gmm_backend": e.impl == "dense", "gmm_strategy": e.impl == "dense",
+            "block_size": e.impl == "dense", "capacity_factor": not drops,
+            "eval_capacity_factor": not drops, "drop_policy": not drops,
+            "ep_exchange": not expert_parallel}
+  for k, is_unused in unused.items():
+    if is_unused and e[k] != defaults[k]:
+      _fail(f"model.moe.{k}", f"does not apply here: {_WHY_UNUSED[k]}", e[k])
 
 
 def validate_data(d: ml_collections.ConfigDict) -> None:

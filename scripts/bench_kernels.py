@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from dsmoe.dispatch import ExpertWeights, dropless  # noqa: E402
+from dsmoe.dispatch import ExpertWeights, dropless, grouped  # noqa: E402
+from dsmoe.spec import ExpertPlan  # noqa: E402
 from pallas_kernels.gmm import Tiling, gmm, tgmm  # noqa: E402
 
 SHAPES = {  # tokens, d_model, experts, expert_hidden, top_k
@@ -168,16 +169,19 @@ def layer_cases(shape, dtype, block: int):
                      * probe_td.astype(jnp.float32))
     return jax.value_and_grad(loss, argnums=(0, 1, 2))
 
-  def routed(**settings):
-    return grads(lambda x, i, g, w: dropless.dispatch(x, i, g, w, **settings).y_td)
+  def routed(grouped_impl, block_size=0):
+    plan = ExpertPlan(dispatch="dropless", grouped=grouped_impl, block_size=block_size,
+                      capacity_factor=1.25, eval_capacity_factor=0.0, drop_policy="position",
+                      ep_exchange="allgather", platform=jax.default_backend())
+    return grads(lambda x, i, g, w: dropless.dispatch(x, i, g, w, plan).y_td)
 
   operands = (x_td, weight_tk, experts, idx_tk)
   return {
       "dense_ffn (limit)": (grads(lambda x, i, g, w: dense_ffn(x, *w)),
                             (x_td, weight_tk, dense_w, idx_tk)),
-      "dropless pallas": (routed(backend="pallas", block_size=block), operands),
-      "dropless blocked batched": (routed(backend="blocked", strategy="batched"), operands),
-      "dropless ragged_dot": (routed(backend="ragged_dot"), operands),
+      "dropless pallas": (routed("pallas", block_size=block), operands),
+      "dropless blocked batched": (routed("batched"), operands),
+      "dropless ragged_dot": (routed("ragged_dot"), operands),
   }
 
 
@@ -200,7 +204,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--shape", choices=sorted(SHAPES), default="16b")
   parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-  parser.add_argument("--block", type=int, default=dropless.PALLAS_BLOCK,
+  parser.add_argument("--block", type=int, default=grouped.PALLAS_BLOCK,
                       help="rows per expert block = the kernels' row tile")
   parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--only", choices=["kernels", "layer"], default=None)

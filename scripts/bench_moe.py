@@ -63,6 +63,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from dsmoe import dispatch  # noqa: E402  (needs neither ml_collections nor data)
 from dsmoe.dispatch import capacity, dropless, expert_loop  # noqa: E402
+from dsmoe.spec import ExpertPlan  # noqa: E402
 from dsmoe.model import layers  # noqa: E402  (flax; no ml_collections)
 
 
@@ -266,13 +267,22 @@ def cases(args):
   fast, slow = args.reps, args.slow_reps
   bs, cf = args.block_size, args.capacity_factor
 
-  def cap(policy="position", strategy=args.strategy):
-    return lambda x, i, wt, p: capacity.dispatch(x, i, wt, p, factor=cf, policy=policy,
-                                                 strategy=strategy).y_td
+  strategy = args.strategy
+  if strategy == "auto":  # what model.moe.gmm_strategy="auto" runs here (dsmoe.config)
+    strategy = "loop" if jax.default_backend() == "cpu" else "batched"
 
-  def drop(backend="blocked", strategy=args.strategy):
-    return lambda x, i, wt, p: dropless.dispatch(x, i, wt, p, backend=backend,
-                                                 strategy=strategy, block_size=bs).y_td
+  def plan(grouped_impl, impl, policy="position"):
+    return ExpertPlan(dispatch=impl, grouped=grouped_impl, block_size=bs, capacity_factor=cf,
+                      eval_capacity_factor=0.0, drop_policy=policy, ep_exchange="allgather",
+                      platform=jax.default_backend())
+
+  def cap(policy="position", grouped_impl=strategy):
+    p_ = plan(grouped_impl, "capacity", policy)
+    return lambda x, i, wt, p: capacity.dispatch(x, i, wt, p, p_, cf).y_td
+
+  def drop(grouped_impl=strategy):
+    p_ = plan(grouped_impl, "dropless")
+    return lambda x, i, wt, p: dropless.dispatch(x, i, wt, p, p_).y_td
 
   table = {
       "dense_ffn": (lambda x, i, wt, p: dense_ffn(x, *p), "dense", fast),
@@ -280,22 +290,21 @@ def cases(args):
       "capacity": (cap(), "moe", fast),
       "capacity_score": (cap(policy="score"), "moe", fast),
       "dropless_blocked": (drop(), "moe", fast),
-      "capacity_loop": (cap(strategy="loop"), "moe", fast),  # the XLA loop, not the CPU kernel
-      "dropless_loop": (drop(strategy="loop"), "moe", fast),
-      "dropless_ragged_dot": (drop(backend="ragged_dot"), "moe", slow),
+      "capacity_loop": (cap(grouped_impl="loop"), "moe", fast),  # the XLA loop, whatever --strategy
+      "dropless_loop": (drop(grouped_impl="loop"), "moe", fast),
+      "dropless_ragged_dot": (drop(grouped_impl="ragged_dot"), "moe", slow),
       "naive_onehot_einsum": (lambda x, i, wt, p: naive_onehot_einsum(x, i, wt, p, cf),
                               "moe", slow + 2),  # ~20x dense: a few reps are affordable
       "naive_ragged_dot": (naive_ragged_dot, "moe", slow),
   }
   if args.loop_gate_up_both:  # the CPU loop with gate/up fused and split, whatever the hidden
     for name, fuse_max in (("fused", 1 << 30), ("split", 0)):
-      table[f"dropless_blocked_{name}"] = (_loop_gate_up(drop(strategy="loop"), fuse_max),
+      table[f"dropless_blocked_{name}"] = (_loop_gate_up(drop(grouped_impl="loop"), fuse_max),
                                            "moe", fast)
   if args.other_strategy:  # the blocked strategy --strategy does not resolve to
-    resolved = dropless.resolve_strategy(args.strategy)
-    other = "batched" if resolved in dropless.LOOP_STRATEGIES else "loop"
-    table[f"dropless_blocked_{other}"] = (drop(strategy=other), "moe", fast)
-    table[f"capacity_{other}"] = (cap(strategy=other), "moe", fast)
+    other = "batched" if strategy in ("loop", "kernel") else "loop"
+    table[f"dropless_blocked_{other}"] = (drop(grouped_impl=other), "moe", fast)
+    table[f"capacity_{other}"] = (cap(grouped_impl=other), "moe", fast)
   return table
 
 

@@ -30,20 +30,22 @@ CASES = [
      "config.model.d_model=128"),
     ("expert axis does not divide the experts", lambda c: setattr(c.mesh, "expert", 4),
      "config.mesh.expert=4"),
-    ("tensor parallelism is not built", lambda c: setattr(c.mesh, "tensor", 2),
-     "config.mesh.tensor=2"),
     ("two mesh axes are -1", lambda c: setattr(c.mesh, "fsdp", -1), "config.mesh="),
     ("expert parallelism with the dense dispatch",
      lambda c: (setattr(c.mesh, "expert", 2), setattr(c.model.moe, "impl", "dense")),
      "config.model.moe.impl='dense'"),
-    ("device groups are not the expert devices",
-     lambda c: (setattr(c.mesh, "expert", 2), setattr(c.model.moe, "device_balance_alpha", 0.1)),
-     "config.model.moe.num_device_groups=1"),
-    ("device limit above the device groups",
-     lambda c: c.model.moe.update(dict(num_device_groups=2, max_devices_per_token=3)),
+    ("device-level balance without expert parallelism",
+     lambda c: setattr(c.model.moe, "device_balance_alpha", 0.1),
+     "config.model.moe.device_balance_alpha=0.1"),
+    ("device limit with mesh.expert=-1",
+     lambda c: (c.mesh.update(dict(data=1, expert=-1)),
+                setattr(c.model.moe, "max_devices_per_token", 2)),
+     "config.model.moe.max_devices_per_token=2"),
+    ("device limit above the expert devices",
+     lambda c: (setattr(c.mesh, "expert", 2), setattr(c.model.moe, "max_devices_per_token", 3)),
      "config.model.moe.max_devices_per_token=3"),
     ("device limit too small for top-k",
-     lambda c: c.model.moe.update(dict(num_device_groups=15, max_devices_per_token=2)),
+     lambda c: (setattr(c.mesh, "expert", 15), setattr(c.model.moe, "max_devices_per_token", 2)),
      "config.model.moe.max_devices_per_token=2"),
     ("communication loss without a device limit",
      lambda c: setattr(c.model.moe, "comm_balance_alpha", 0.02),
@@ -68,12 +70,32 @@ CASES = [
     ("seq_len < 1", lambda c: setattr(c.data, "seq_len", 0), "config.data.seq_len=0"),
     ("override below derived top-k", lambda c: setattr(c.model.moe, "num_routed_experts", 4),
      "config.model.moe.top_k=6"),
-    ("device groups do not divide experts", lambda c: setattr(c.model.moe, "num_device_groups", 4),
-     "config.model.moe.num_device_groups=4"),
     ("hash router with top-k > 1", lambda c: setattr(c.model.moe, "router", "hash"),
      "config.model.moe.top_k=6"),
     ("pallas block not a power of two", lambda c: c.model.moe.update(
         dict(gmm_backend="pallas", block_size=24)), "config.model.moe.block_size=24"),
+    # Settings that cannot apply to the plan they resolve to are refused, not ignored.
+    ("strategy of another backend", lambda c: c.model.moe.update(
+        dict(gmm_backend="ragged_dot", gmm_strategy="loop")), "config.model.moe.gmm_strategy='loop'"),
+    ("block size for ragged_dot", lambda c: c.model.moe.update(
+        dict(gmm_backend="ragged_dot", block_size=16)), "config.model.moe.block_size=16"),
+    ("grouped matmul of the dense reference", lambda c: c.model.moe.update(
+        dict(impl="dense", gmm_backend="blocked")), "config.model.moe.gmm_backend='blocked'"),
+    ("block size of the dense reference", lambda c: c.model.moe.update(
+        dict(impl="dense", block_size=8)), "config.model.moe.block_size=8"),
+    ("capacity factor where nothing drops", lambda c: setattr(c.model.moe, "capacity_factor", 2.0),
+     "config.model.moe.capacity_factor=2.0"),
+    ("drop policy where nothing drops", lambda c: setattr(c.model.moe, "drop_policy", "score"),
+     "config.model.moe.drop_policy='score'"),
+    ("exchange without expert parallelism",
+     lambda c: setattr(c.model.moe, "ep_exchange", "all_to_all"),
+     "config.model.moe.ep_exchange='all_to_all'"),
+    ("C++ kernel in bfloat16", lambda c: (setattr(c.model.moe, "gmm_strategy", "kernel"),
+                                          setattr(c.model, "dtype", "bfloat16")),
+     "config.model.moe.gmm_strategy='kernel'"),
+    ("ragged all-to-all on CPU", lambda c: (setattr(c.mesh, "expert", 2), setattr(
+        c.model.moe, "ep_exchange", "ragged_all_to_all")),
+     "config.model.moe.ep_exchange='ragged_all_to_all'"),
 ]
 
 
@@ -97,6 +119,56 @@ def test_invalid_config_raises_clear_error(name, mutate, expected):
 @pytest.mark.parametrize("name", ["tiny", "paper_2b", "paper_16b", "paper_145b"])
 def test_shipped_configs_are_valid(name):
   dsmoe.validate(load_config(name))
+
+
+# (model.moe settings, platform) -> (grouped SwiGLU, token exchange): the table
+# of docs/MODEL.md, "Routed-expert implementations".
+PLANS = [
+    ({}, "cpu", "loop", "allgather"),
+    ({}, "tpu", "ragged_dot", "ragged_all_to_all"),
+    ({}, "gpu", "batched", "ragged_all_to_all"),
+    ({}, "cuda", "batched", "ragged_all_to_all"),
+    ({"gmm_backend": "blocked"}, "cpu", "loop", "allgather"),
+    ({"gmm_backend": "blocked"}, "tpu", "batched", "ragged_all_to_all"),
+    ({"gmm_backend": "pallas"}, "gpu", "pallas", "ragged_all_to_all"),
+    ({"gmm_backend": "ragged_dot"}, "cpu", "ragged_dot", "allgather"),
+    ({"gmm_strategy": "kernel"}, "cpu", "kernel", "allgather"),
+    ({"gmm_strategy": "batched"}, "cpu", "batched", "allgather"),
+    ({"gmm_strategy": "loop"}, "tpu", "loop", "ragged_all_to_all"),
+    ({"impl": "dense"}, "tpu", "", "ragged_all_to_all"),
+]
+
+
+@pytest.mark.parametrize("moe,platform,grouped,exchange", PLANS)
+def test_expert_plan_is_resolved_for_the_platform(moe, platform, grouped, exchange):
+  c = load_config("tiny")
+  c.model.moe.update(moe)
+  plan = dsmoe.resolve(c, platform=platform).model.moe.plan
+  assert (plan.grouped, plan.ep_exchange) == (grouped, exchange)
+  assert plan.platform == {"cuda": "gpu"}.get(platform, platform)
+
+
+def test_expert_plan_refusals_depend_on_the_platform():
+  c = load_config("tiny")
+  c.model.moe.block_size = 64  # blocks: fine where "auto" is blocked, not on TPU (ragged_dot)
+  assert dsmoe.resolve(c, platform="cpu").model.moe.plan.block_size == 64
+  with pytest.raises(ValueError, match="config.model.moe.block_size=64.*ragged_dot"):
+    dsmoe.resolve(c, platform="tpu")
+  c = load_config("tiny")
+  c.model.moe.gmm_strategy = "kernel"
+  with pytest.raises(ValueError, match="config.model.moe.gmm_strategy='kernel'.*CPU only"):
+    dsmoe.resolve(c, platform="tpu")
+  c = load_config("tiny")
+  c.mesh.expert, c.model.moe.ep_exchange = 2, "ragged_all_to_all"
+  assert dsmoe.resolve(c, platform="tpu").model.moe.plan.ep_exchange == "ragged_all_to_all"
+
+
+def test_device_groups_are_the_expert_devices():
+  c = load_config("tiny")
+  assert dsmoe.resolve(c).model.moe.num_device_groups == 1
+  c.mesh.expert, c.model.moe.device_balance_alpha = 2, 0.1
+  assert dsmoe.resolve(c).model.moe.num_device_groups == 2
+  assert dsmoe.resolve(load_config("paper_145b")).model.moe.num_device_groups == 4
 
 
 def test_lock_config_refuses_unknown_keys():

@@ -7,6 +7,7 @@ chunks, no threads. The dispatch-level equality with the dense reference
 test_parallel.py.
 """
 
+import importlib.util
 import os
 import shutil
 
@@ -15,12 +16,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dsmoe
 from dsmoe.dispatch import ExpertWeights, cpu_kernel, dropless
 from dsmoe.dispatch import layout as layout_lib
 from dsmoe.dispatch.common import gate_per_row
+from dsmoe.errors import ConfigError
+from dsmoe.spec import ExpertPlan
+from tests.helpers import small_config
 
-pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
-                                reason="no C++ compiler on this machine")
+# The kernel is opt-in: it needs a C++ compiler and the cpu-kernel extra
+# (scipy-openblas32), which `make test` installs.
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None
+    or importlib.util.find_spec("scipy_openblas32") is None,
+    reason="no C++ compiler, or the cpu-kernel extra is not installed")
 
 pytestmark = [pytestmark, pytest.mark.usefixtures("full_precision_matmuls")]
 
@@ -102,15 +111,18 @@ def test_bad_token_index_is_an_error_not_a_wild_write():
         x, gate_per_row(weight, lay.pair_p), w, token_p, lay.start_e, lay.count_e))
 
 
-def test_bfloat16_runs_the_xla_loop():
-  """Strategy "kernel" with bfloat16 tokens runs the XLA loop: the same
-  result as strategy "loop", bit for bit."""
+def kernel_plan():
+  return ExpertPlan(dispatch="dropless", grouped="kernel", block_size=4, capacity_factor=1.25,
+                    eval_capacity_factor=0.0, drop_policy="position", ep_exchange="allgather",
+                    platform="cpu")
+
+
+def test_bfloat16_is_refused_not_silently_run_elsewhere():
+  """The kernel computes in float32: bfloat16 tokens are one clear error
+  (dsmoe.config refuses the setting earlier; this is the library's guard)."""
   x, idx, weight, w, _ = make_case()
-  xb = x.astype(jnp.bfloat16)
-  run = lambda s: dropless.dispatch(xb, idx, weight, w, strategy=s, block_size=4).y_td
-  assert not cpu_kernel.supports(xb, w)
-  np.testing.assert_array_equal(np.asarray(run("kernel"), np.float32),
-                                np.asarray(run("loop"), np.float32))
+  with pytest.raises(ConfigError, match="computes in float32"):
+    dropless.dispatch(x.astype(jnp.bfloat16), idx, weight, w, kernel_plan())
 
 
 def test_missing_compiler_and_failed_build_say_why(tmp_path, monkeypatch):
@@ -122,16 +134,26 @@ def test_missing_compiler_and_failed_build_say_why(tmp_path, monkeypatch):
   assert not list(tmp_path.glob("*.so"))
 
 
-def test_strategy_resolution_with_and_without_the_kernel(monkeypatch, caplog):
-  assert dropless.resolve_strategy("auto", "cpu") == "kernel"
-  assert dropless.resolve_strategy("auto", "gpu") == "batched"
-  with pytest.raises(ValueError, match="gmm_strategy='kernel' runs on CPU only"):
-    dropless.resolve_strategy("kernel", "gpu")
+def test_auto_never_builds_the_kernel_and_kernel_is_opt_in(monkeypatch):
+  """"auto" on CPU is the XLA loop: resolving and tracing it runs no compiler.
+  Asked for where it cannot build, "kernel" is one line saying why."""
+  def no_build():
+    raise AssertionError("the C++ kernel was built")
+  monkeypatch.setattr(cpu_kernel, "_load", no_build)
+  spec = dsmoe.resolve(small_config(), platform="cpu")
+  assert spec.model.moe.plan.grouped == "loop"
+  x, idx, weight, w, _ = make_case()
+  jax.make_jaxpr(lambda x: dropless.dispatch(x, idx, weight, w, spec.model.moe.plan).y_td)(x)
   monkeypatch.setattr(cpu_kernel, "_load", lambda: (False, "no C++ compiler 'g++' on PATH"))
-  dropless._warn_no_kernel.cache_clear()  # pylint: disable=protected-access
-  assert dropless.resolve_strategy("auto", "cpu") == "loop"
-  assert dropless.resolve_strategy("auto", "cpu") == "loop"  # said once, not per layer
-  said = [r.getMessage() for r in caplog.records if "expert kernel is unavailable" in r.getMessage()]
-  assert len(said) == 1 and "no C++ compiler 'g++' on PATH" in said[0]
-  with pytest.raises(ValueError, match=r"unavailable here \(no C\+\+ compiler 'g\+\+' on PATH\)"):
-    dropless.resolve_strategy("kernel", "cpu")
+  with pytest.raises(ConfigError, match=r"unavailable here \(no C\+\+ compiler 'g\+\+' on PATH\)"):
+    dropless.dispatch(x, idx, weight, w, kernel_plan())
+
+
+def test_cache_key_includes_the_compiler_version(tmp_path, monkeypatch):
+  """Another compiler version (same command) builds another library."""
+  monkeypatch.setenv("DSMOE_CACHE_DIR", str(tmp_path))
+  for version in ("g++ (A) 1.0", "g++ (B) 2.0", "g++ (A) 1.0"):
+    monkeypatch.setattr(cpu_kernel, "_compiler_version", lambda _, v=version: v)
+    ok, why = cpu_kernel.try_load(os.environ.get("CXX", "g++"))
+    assert ok, why
+  assert len(list(tmp_path.glob("cpu_kernel-*.so"))) == 2

@@ -16,26 +16,32 @@ from flax import nnx
 
 import dsmoe
 from dsmoe import dispatch
-from dsmoe.dispatch import ExpertWeights, capacity, dense, dropless
+from dsmoe.dispatch import ExpertWeights, capacity, dense, dropless, grouped
 from dsmoe.model import Transformer
+from dsmoe.spec import ExpertPlan
 from tests.helpers import small_config
 
 D, H = 16, 8
 
-# (impl, keyword settings); capacity is run with a factor that fits all.
+
+def plan(grouped_impl="loop", dispatch_impl="dropless", **fields):
+  """An ExpertPlan with the given grouped SwiGLU (and other fields)."""
+  base = dict(dispatch=dispatch_impl, grouped=grouped_impl, block_size=0, capacity_factor=1.25,
+              eval_capacity_factor=0.0, drop_policy="position", ep_exchange="allgather",
+              platform="cpu")
+  return ExpertPlan(**{**base, **fields})
+
+
+# (dispatch, grouped SwiGLU, block size); capacity is run with a factor that fits all.
 PATHS = [
-    ("dropless", dict(backend="blocked", strategy="loop", block_size=4)),
-    ("dropless", dict(backend="blocked", strategy="loop", block_size=1)),
-    ("dropless", dict(backend="blocked", strategy="loop", block_size=64)),
-    ("dropless", dict(backend="blocked", strategy="loop", block_size=0)),  # from the shape
-    ("dropless", dict(backend="blocked", strategy="kernel", block_size=4)),  # C++ CPU kernel
-    ("dropless", dict(backend="blocked", strategy="kernel", block_size=1)),
-    ("dropless", dict(backend="blocked", strategy="batched", block_size=4)),
-    ("dropless", dict(backend="ragged_dot")),
-    ("dropless", dict(backend="pallas", block_size=16)),  # CPU: Pallas interpreter
-    ("capacity", dict(strategy="loop")),
-    ("capacity", dict(strategy="kernel")),
-    ("capacity", dict(strategy="batched")),
+    ("dropless", "loop", 4), ("dropless", "loop", 1), ("dropless", "loop", 64),
+    ("dropless", "loop", 0),  # block from the shape
+    ("dropless", "kernel", 4), ("dropless", "kernel", 1),  # C++ CPU kernel
+    ("dropless", "batched", 4), ("dropless", "batched", 0),
+    ("dropless", "ragged_dot", 0),
+    ("dropless", "pallas", 16),  # CPU: Pallas interpreter
+    ("capacity", "loop", 0), ("capacity", "kernel", 0), ("capacity", "batched", 0),
+    ("capacity", "ragged_dot", 0), ("capacity", "pallas", 16),
 ]
 
 
@@ -43,13 +49,14 @@ PATHS = [
 pytestmark = pytest.mark.usefixtures("full_precision_matmuls")
 
 
-def path_fn(impl, **settings):
-  """fn(x, idx, weight, experts) -> DispatchResult with explicit settings."""
+def path_fn(impl, grouped_impl="loop", factor=0.0, **fields):
+  """fn(x, idx, weight, experts) -> DispatchResult of one dispatch and plan."""
   if impl == "dense":
     return dense.dispatch
+  p = plan(grouped_impl, impl, **fields)
   if impl == "capacity":
-    return lambda x, i, w, e: capacity.dispatch(x, i, w, e, **settings)
-  return lambda x, i, w, e: dropless.dispatch(x, i, w, e, **settings)
+    return lambda x, i, w, e: capacity.dispatch(x, i, w, e, p, factor)
+  return lambda x, i, w, e: dropless.dispatch(x, i, w, e, p)
 
 
 def make_case(seed, t, e, k, *, mode="random"):
@@ -87,15 +94,14 @@ def assert_same(a, b, rtol=2e-4, atol=2e-5):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("impl,settings", PATHS, ids=[f"{i}-{s}" for i, s in PATHS])
+@pytest.mark.parametrize("impl,grouped_impl,block", PATHS, ids=["-".join(map(str, p)) for p in PATHS])
 @pytest.mark.parametrize("t,e,k,mode", [(13, 6, 2, "random"), (24, 12, 3, "few_experts"),
                                         (17, 8, 3, "one_expert"), (5, 4, 1, "random")])
-def test_matches_dense_when_nothing_dropped(impl, settings, t, e, k, mode):
+def test_matches_dense_when_nothing_dropped(impl, grouped_impl, block, t, e, k, mode):
   x, idx, weight, experts = make_case(t + e, t, e, k, mode=mode)
   ref, ref_grads = value_and_grads(dense.dispatch, x, idx, weight, experts)
-  if impl == "capacity":
-    settings = dict(settings, factor=float(e))  # C >= T: nothing dropped
-  res, grads = value_and_grads(path_fn(impl, **settings), x, idx, weight, experts)
+  fn = path_fn(impl, grouped_impl, factor=float(e), block_size=block)  # capacity: C >= T
+  res, grads = value_and_grads(fn, x, idx, weight, experts)
   assert float(res.dropped_fraction) == 0.0
   assert_same(res.y_td, ref.y_td)
   assert_same(grads, ref_grads)
@@ -114,10 +120,10 @@ def np_kept(idx, weight, e, cap, policy):
   return kept
 
 
-@pytest.mark.parametrize("strategy", ["loop", "batched"])
+@pytest.mark.parametrize("grouped_impl", ["loop", "batched", "ragged_dot"])
 @pytest.mark.parametrize("policy", ["position", "score"])
 @pytest.mark.parametrize("factor", [0.5, 1.0])
-def test_capacity_drops_the_expected_pairs(policy, factor, strategy):
+def test_capacity_drops_the_expected_pairs(policy, factor, grouped_impl):
   t, e, k = 12, 4, 2
   rng = np.random.default_rng(3)
   # expert 0 is everyone's first choice: it overflows; the rest is random.
@@ -127,7 +133,7 @@ def test_capacity_drops_the_expected_pairs(policy, factor, strategy):
   cap = math.ceil(factor * t * k / e)
   kept = np_kept(idx, weight, e, cap, policy)
   assert 0 < kept.sum() < t * k  # the case really drops something
-  fn = path_fn("capacity", factor=factor, policy=policy, strategy=strategy)
+  fn = path_fn("capacity", grouped_impl, factor=factor, drop_policy=policy)
   res, grads = value_and_grads(fn, x, jnp.asarray(idx), jnp.asarray(weight), experts)
   np.testing.assert_allclose(float(res.dropped_fraction), 1 - kept.mean(), rtol=1e-6)
   # Oracle: the dense reference with the dropped pairs' gates set to zero.
@@ -141,27 +147,31 @@ def test_capacity_drops_the_expected_pairs(policy, factor, strategy):
                              rtol=2e-4, atol=2e-5)
 
 
-def routed_fn(impl, factor, backend="auto"):
-  return lambda x, i, w, e: dispatch.routed_experts(
-      x, i, w, e, impl=impl, capacity_factor=factor, backend=backend)
+def routed_fn(grouped_impl="loop", *, train, **fields):
+  p = plan(grouped_impl, "capacity", capacity_factor=0.25, **fields)
+  return lambda x, i, w, e: dispatch.routed_experts(x, i, w, e, p, train=train)
 
 
 def test_capacity_factor_zero_drops_nothing():
-  """The MoE block passes eval_capacity_factor (default 0) at evaluation."""
+  """At evaluation the plan's eval_capacity_factor (default 0) applies: no drops."""
   x, idx, weight, experts = make_case(1, 32, 4, 2, mode="one_expert")
   ref, _ = value_and_grads(dense.dispatch, x, idx, weight, experts)
-  train_res, _ = value_and_grads(routed_fn("capacity", 0.25), x, idx, weight, experts)
+  train_res, _ = value_and_grads(routed_fn(train=True), x, idx, weight, experts)
   assert float(train_res.dropped_fraction) > 0
-  eval_res, _ = value_and_grads(routed_fn("capacity", 0.0), x, idx, weight, experts)
+  eval_res, _ = value_and_grads(routed_fn(train=False), x, idx, weight, experts)
   assert float(eval_res.dropped_fraction) == 0.0
   assert_same(eval_res.y_td, ref.y_td)
+  half, _ = value_and_grads(routed_fn(train=False, eval_capacity_factor=0.5), x, idx,
+                            weight, experts)
+  assert float(half.dropped_fraction) > 0  # a factor > 0 at evaluation drops
 
 
-@pytest.mark.parametrize("backend,marker", [("ragged_dot", "ragged_dot"), ("blocked", None),
-                                            ("pallas", "pallas_call")])
-def test_capacity_factor_zero_honours_gmm_backend(backend, marker):
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("grouped_impl,marker", [("ragged_dot", "ragged_dot"), ("loop", None),
+                                                 ("pallas", "pallas_call")])
+def test_capacity_runs_the_plans_grouped_swiglu(grouped_impl, marker, train):
   x, idx, weight, experts = make_case(1, 16, 4, 2)
-  jaxpr = str(jax.make_jaxpr(routed_fn("capacity", 0.0, backend))(x, idx, weight, experts))
+  jaxpr = str(jax.make_jaxpr(routed_fn(grouped_impl, train=train))(x, idx, weight, experts))
   for op in ("ragged_dot", "pallas_call"):
     assert (op in jaxpr) == (op == marker)
 
@@ -171,7 +181,7 @@ def test_block_size_reaches_the_layout(block_size):
   """An explicit block size R gives the [G, R, D] blocks of the batched strategy,
   G = ceil((T*K + E*(R-1)) / R) (the static bound)."""
   x, idx, weight, experts = make_case(1, 40, 4, 2)
-  fn = path_fn("dropless", backend="blocked", strategy="batched", block_size=block_size)
+  fn = path_fn("dropless", "batched", block_size=block_size)
   jaxpr = str(jax.make_jaxpr(fn)(x, idx, weight, experts))
   g = math.ceil((40 * 2 + 4 * (block_size - 1)) / block_size)
   assert f"f32[{g},{block_size},{D}]" in jaxpr
@@ -184,9 +194,8 @@ def test_bfloat16_close_to_float32_reference(impl, fuse_max_hidden, monkeypatch)
   monkeypatch.setattr(expert_loop, "FUSE_GATE_UP_MAX_HIDDEN", fuse_max_hidden)
   x, idx, weight, experts = make_case(5, 40, 8, 2)
   ref, ref_grads = value_and_grads(dense.dispatch, x, idx, weight, experts)
-  settings = dict(factor=8.0) if impl == "capacity" else dict(backend="blocked", block_size=16)
-  res, grads = value_and_grads(path_fn(impl, **settings), x.astype(jnp.bfloat16), idx,
-                               weight, experts)
+  fn = path_fn(impl, "loop", factor=8.0, block_size=16)
+  res, grads = value_and_grads(fn, x.astype(jnp.bfloat16), idx, weight, experts)
   assert res.y_td.dtype == jnp.bfloat16
   scale = float(jnp.abs(ref.y_td).max())
   np.testing.assert_allclose(np.asarray(res.y_td, np.float32), ref.y_td, atol=0.03 * scale)
@@ -235,23 +244,30 @@ def test_sort_by_expert_is_a_stable_argsort(num_experts):
   np.testing.assert_array_equal(order, np.argsort(ids, kind="stable"))
 
 
-def test_auto_block_size():
+def test_block_for():
+  def block(impl, pairs, experts, block_size=0):
+    return grouped.block_for(plan(impl, block_size=block_size), pairs, experts,
+                             grouped.loop_target(pairs, experts))
   # loop: chunks of ~1.25x the mean rows per expert in <= 32 blocks of R rows
-  assert dropless.auto_block_size(24576, 64, "loop") == 16  # 480 rows -> 30 blocks
-  assert dropless.auto_block_size(14336, 63, "loop") == 16  # 285 rows -> 18 blocks
-  assert dropless.auto_block_size(8192, 16, "loop") == 32  # 640 rows -> 20 blocks
-  assert dropless.auto_block_size(40, 6, "loop") == 8
-  assert dropless.auto_block_size(10**6, 8, "loop") == 32  # chunk capped at 1024 rows
-  assert dropless.auto_block_size(24576, 64, "batched") == 256
-  assert dropless.auto_block_size(1000, 8, "batched") == 64
-  assert dropless.resolve_block_size(32, 24576, 64, "loop") == 32
+  assert block("loop", 24576, 64) == 16  # 480 rows -> 30 blocks
+  assert block("loop", 14336, 63) == 16  # 285 rows -> 18 blocks
+  assert block("loop", 8192, 16) == 32  # 640 rows -> 20 blocks
+  assert block("loop", 40, 6) == 8
+  assert block("loop", 10**6, 8) == 32  # chunk capped at 1024 rows
+  assert block("kernel", 24576, 64) == 16
+  assert block("batched", 24576, 64) == 256
+  assert block("batched", 1000, 8) == 64
+  assert block("pallas", 1000, 8) == 128
+  assert block("loop", 24576, 64, block_size=32) == 32
+  assert block("pallas", 1000, 8, block_size=32) == 32
+  assert block("ragged_dot", 1000, 8) == 1
 
 
 def test_loop_chunk_sizes():
-  assert dropless.loop_chunk_sizes(32, 480) == tuple(range(32, 481, 32))
-  assert dropless.loop_chunk_sizes(32, 470) == tuple(range(32, 481, 32))  # rounded up
-  assert dropless.loop_chunk_sizes(4, 1000) == tuple(range(4, 129, 4))  # at most 32 R
-  assert dropless.loop_chunk_sizes(64, 10) == (64,)
+  assert grouped.loop_chunk_sizes(32, 480) == tuple(range(32, 481, 32))
+  assert grouped.loop_chunk_sizes(32, 470) == tuple(range(32, 481, 32))  # rounded up
+  assert grouped.loop_chunk_sizes(4, 1000) == tuple(range(4, 129, 4))  # at most 32 R
+  assert grouped.loop_chunk_sizes(64, 10) == (64,)
 
 
 @pytest.mark.parametrize("block,chunk_rows,fuse_max_hidden",
@@ -268,11 +284,12 @@ def test_expert_loop_chunks_match_dense(block, chunk_rows, fuse_max_hidden, monk
   # expert 0 takes every token (30 rows), experts 4 and 5 none.
   idx = np.stack([np.r_[0, rng.integers(1, 4)] for _ in range(t)]).astype(np.int32)
   x, _, weight, experts = make_case(2, t, e, k)
-  sizes = dropless.loop_chunk_sizes(block, chunk_rows)
 
   def fn(x, i, w, ex):
     lay = layout.blocked_layout(i, e, block)
-    return dispatch.DispatchResult(expert_loop.run_layout(x, w, ex, lay, sizes), jnp.zeros(()))
+    y = grouped.swiglu(plan("loop"), x, w, ex, lay, block, target_rows=chunk_rows,
+                       may_drop=False)
+    return dispatch.DispatchResult(y, jnp.zeros(()))
 
   ref, ref_grads = value_and_grads(dense.dispatch, x, jnp.asarray(idx), weight, experts)
   res, grads = value_and_grads(fn, x, jnp.asarray(idx), weight, experts)
@@ -280,23 +297,12 @@ def test_expert_loop_chunks_match_dense(block, chunk_rows, fuse_max_hidden, monk
   assert_same(grads, ref_grads)
 
 
-def test_auto_settings_resolve_per_platform():
-  assert dropless.resolve_backend("auto", "tpu") == "ragged_dot"
-  assert dropless.resolve_backend("auto", "cpu") == dropless.resolve_backend("auto", "gpu") == "blocked"
-  assert dropless.resolve_backend("ragged_dot", "cpu") == "ragged_dot"
-  assert dropless.resolve_strategy("auto", "cpu") == "kernel"  # it builds on the test machine
-  assert dropless.resolve_strategy("auto", "gpu") == "batched"
-  assert dropless.resolve_strategy("batched", "cpu") == "batched"
-  x, idx, weight, experts = make_case(0, 4, 4, 1)
-  with pytest.raises(ValueError, match="impl"):
-    dispatch.routed_experts(x, idx, weight, experts, impl="nope")
-
-
 @pytest.mark.parametrize("impl,backend,strategy", [
     ("dense", "auto", "auto"), ("capacity", "blocked", "loop"),
     ("capacity", "blocked", "batched"), ("dropless", "blocked", "loop"),
     ("capacity", "blocked", "kernel"), ("dropless", "blocked", "kernel"),
-    ("dropless", "blocked", "batched"), ("dropless", "ragged_dot", "auto")])
+    ("dropless", "blocked", "batched"), ("dropless", "ragged_dot", "auto"),
+    ("capacity", "ragged_dot", "auto")])
 def test_tiny_model_forward_and_grad(impl, backend, strategy):
   cfg = small_config(**{"model.moe.impl": impl, "model.moe.gmm_backend": backend,
                         "model.moe.gmm_strategy": strategy})

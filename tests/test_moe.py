@@ -72,8 +72,8 @@ def test_dropless_equals_dense_forward_and_gradients(backend):
   tokens = jnp.zeros((2, 7), jnp.int32)
 
   def loss_and_grads(impl):
-    block = MoE(small_moe_spec(impl, routed=8, top_k=3, gmm_backend=backend),
-                rngs=nnx.Rngs(0))
+    settings = {} if impl == "dense" else dict(gmm_backend=backend)  # dense: no grouped matmul
+    block = MoE(small_moe_spec(impl, routed=8, top_k=3, **settings), rngs=nnx.Rngs(0))
 
     def f(block, x):
       y, aux, _ = block(x, tokens)
@@ -91,8 +91,10 @@ def test_dropless_equals_dense_forward_and_gradients(backend):
 
 
 def test_aux_loss_gradient_reaches_router():
-  block = MoE(small_moe_spec("dense", aux_loss_alpha=0.1, device_balance_alpha=0.2,
-                              num_device_groups=2), rngs=nnx.Rngs(0))
+  # Two device groups on one device (the config ties them to mesh.expert).
+  spec = small_moe_spec("dense", aux_loss_alpha=0.1).replace(
+      moe=dict(device_balance_alpha=0.2, num_device_groups=2))
+  block = MoE(spec, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(4), (2, 6, 16))
 
   def f(block):

@@ -161,14 +161,16 @@ def _np_local_moe(x, idx, weight, w, first, num_local):
   return out
 
 
-@pytest.mark.parametrize("backend,strategy", [("blocked", "loop"), ("blocked", "kernel"),
-                                              ("blocked", "batched"),
-                                              ("ragged_dot", "auto"), ("pallas", "auto")])
-def test_local_dispatch_runs_only_this_devices_experts(backend, strategy):
+@pytest.mark.parametrize("grouped_impl", ["loop", "kernel", "batched", "ragged_dot", "pallas"])
+def test_local_dispatch_runs_only_this_devices_experts(grouped_impl):
   """Experts 4..7 of 12 are local: pairs of other experts add nothing and
   their gates get no gradient; local ones match numpy, gradients included."""
   from dsmoe.dispatch import ExpertWeights
   from dsmoe.parallel.local import local_dispatch
+  from dsmoe.spec import ExpertPlan
+  plan = ExpertPlan(dispatch="dropless", grouped=grouped_impl, block_size=16,
+                    capacity_factor=1.25, eval_capacity_factor=0.0, drop_policy="position",
+                    ep_exchange="allgather", platform="cpu")
   rng = np.random.default_rng(0)
   t, k, d, f, e, first, num_local = 24, 3, 8, 16, 12, 4, 4
   x = rng.normal(size=(t, d)).astype(np.float32)
@@ -178,8 +180,7 @@ def test_local_dispatch_runs_only_this_devices_experts(backend, strategy):
   local = ExpertWeights(*(jnp.asarray(a[first:first + num_local]) for a in w))
 
   def run(x, weight):
-    return local_dispatch(x, jnp.asarray(idx), weight, local, first_expert=first,
-                          backend=backend, strategy=strategy, block_size=16)
+    return local_dispatch(x, jnp.asarray(idx), weight, local, plan, first_expert=first)
 
   y = jax.jit(run)(jnp.asarray(x), jnp.asarray(weight))
   np.testing.assert_allclose(y, _np_local_moe(x, idx, weight, w, first, num_local),
@@ -191,3 +192,22 @@ def test_local_dispatch_runs_only_this_devices_experts(backend, strategy):
   want = [[np.dot(_np_local_moe(x[i:i + 1], idx[i:i + 1, j:j + 1], np.ones((1, 1)), w, first,
                                 num_local)[0], dy[i]) for j in range(k)] for i in range(t)]
   np.testing.assert_allclose(dgate, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"model.scan_layers": True},
+                                       {"model.moe.router": "hash", "model.moe.top_k": 1,
+                                        "model.moe.fine_grained.N": 0,
+                                        "model.moe.num_routed_experts": 4,
+                                        "model.moe.num_shared_experts": 0,
+                                        "model.moe.expert_hidden": 16}])
+def test_every_parameter_has_a_sharding_rule(overrides):
+  """A parameter whose name has no rule would be silently replicated."""
+  import dsmoe
+  from flax import nnx
+  from dsmoe.model import Transformer
+  from tests.helpers import small_config
+  spec = dsmoe.resolve(small_config(**overrides)).model
+  params = nnx.state(nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(0))), nnx.Param)
+  names = {rules._name(path) for path, _ in  # pylint: disable=protected-access
+           jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(params))}
+  assert names and names <= set(rules.RULES), sorted(names - set(rules.RULES))

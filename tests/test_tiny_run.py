@@ -1,4 +1,4 @@
-"""M1: 30 steps of the real configs/tiny.py (its dimensions and data) lower the loss."""
+"""30 steps of the real configs/tiny.py (its dimensions and data) lower the loss."""
 
 import json
 

@@ -221,8 +221,8 @@ def test_two_processes_equal_one_process(tmp_path):
 # 32 routed experts over expert=8 devices (4 per process); all_to_all with room
 # for every pair (nothing dropped), so the run must equal one device.
 EP = {**RUN, "train.batch_size": 8, "model.moe.num_routed_experts": 32,
-      "model.moe.num_shared_experts": 2, "model.moe.top_k": 6, "model.moe.expert_hidden": 16,
-      "model.moe.ep_exchange": "all_to_all", "model.moe.ep_capacity_factor": 8.0}
+      "model.moe.num_shared_experts": 2, "model.moe.top_k": 6, "model.moe.expert_hidden": 16}
+EP_EXCHANGE = {"model.moe.ep_exchange": "all_to_all", "model.moe.capacity_factor": 8.0}
 
 
 @pytest.mark.slow
@@ -233,7 +233,7 @@ def test_two_processes_with_expert_parallelism_equal_one_device(tmp_path):
   alone = _start_same_batches(tmp_path, one, log=f"{one}.log", overrides=EP)  # beside the two
   two = tmp_path / "two"
   port = _free_port()
-  ep_mesh = {**EP, "mesh.data": 1, "mesh.expert": 8}
+  ep_mesh = {**EP, **EP_EXCHANGE, "mesh.data": 1, "mesh.expert": 8}
   procs = [_start_same_batches(tmp_path, two, f"--coordinator_address=127.0.0.1:{port}",
                                "--num_processes=2", f"--process_id={i}", log=f"{two}.{i}.log",
                                overrides=ep_mesh, devices=4)

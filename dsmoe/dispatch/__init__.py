@@ -10,50 +10,43 @@ from explicit arguments (never a config object):
   idx_tk     [T, K]  int32 chosen routed experts
   weight_tk  [T, K]  float32 gate weights
   experts    ExpertWeights(w_gate_edf [E,D,F], w_up_edf [E,D,F], w_down_efd [E,F,D])
+  plan       the resolved ExpertPlan (dsmoe.spec; made by dsmoe.config.resolve)
 
 and returns a DispatchResult (y_td in the compute dtype, and the fraction of
 (token, slot) pairs that were dropped: 0 for the dropless paths).
 
-  dense.dispatch(...)                                  reference: every expert
-                                                       on every token (tests);
-  dropless.dispatch(..., backend, strategy, block_size)  sort by expert, grouped
-                                                       SwiGLU, unsort;
-  capacity.dispatch(..., factor, policy, strategy)     Switch/GShard buffers of
-                                                       fixed capacity (drops).
+  dense.dispatch(...)           reference: every expert on every token (tests);
+  dropless.dispatch(..., plan)  sort by expert, grouped SwiGLU, unsort;
+  capacity.dispatch(..., plan, factor)  at most C pairs per expert (drops).
 
-:func:`routed_experts` picks one from the settings of `config.model.moe`
-(the MoE block passes them as keywords).
+Both sorted dispatches, and the expert-parallel local step
+(dsmoe.parallel.local), run the routed experts through one seam,
+:func:`grouped.swiglu` ("grouped SwiGLU over an expert-sorted layout"), whose
+implementation `plan.grouped` names. :func:`routed_experts` picks the
+dispatch of `plan.dispatch`.
 """
 
 from __future__ import annotations
 
-from dsmoe.dispatch import capacity, dense, dropless
+from dsmoe.dispatch import capacity, dense, dropless, grouped
 from dsmoe.dispatch.common import DispatchResult, ExpertWeights
+from dsmoe.spec import ExpertPlan
 
-IMPLS = ("dense", "dropless", "capacity")
 
+def routed_experts(x_td, idx_tk, weight_tk, experts: ExpertWeights, plan: ExpertPlan, *,
+                   train: bool) -> DispatchResult:
+  """The routed-expert output with the dispatch of `plan`.
 
-def routed_experts(x_td, idx_tk, weight_tk, experts: ExpertWeights, *, impl: str,
-                   capacity_factor: float = 0.0, drop_policy: str = "position",
-                   backend: str = "auto", strategy: str = "auto",
-                   block_size: int = 0) -> DispatchResult:
-  """The routed-expert output with dispatch `impl` ("dense", "dropless", "capacity").
-
-  "capacity" with `capacity_factor` 0 (evaluation by default) drops nothing:
-  it runs the dropless path with the same `backend`, `strategy` and
-  `block_size`.
+  "capacity" uses the training or evaluation capacity factor (`train`); a
+  factor of 0 (evaluation by default) drops nothing: the dropless path runs,
+  with the same grouped SwiGLU.
   """
-  if impl == "dense":
+  if plan.dispatch == "dense":
     return dense.dispatch(x_td, idx_tk, weight_tk, experts)
-  if impl == "capacity" and capacity_factor > 0:
-    return capacity.dispatch(x_td, idx_tk, weight_tk, experts, factor=capacity_factor,
-                             policy=drop_policy, strategy=strategy)
-  if impl not in IMPLS:
-    raise ValueError(f"config.model.moe.impl={impl!r}: no such dispatch; "
-                     f"expected one of {list(IMPLS)}")
-  return dropless.dispatch(x_td, idx_tk, weight_tk, experts, backend=backend,
-                           strategy=strategy, block_size=block_size)
+  if plan.dispatch == "capacity" and plan.factor(train) > 0:
+    return capacity.dispatch(x_td, idx_tk, weight_tk, experts, plan, plan.factor(train))
+  return dropless.dispatch(x_td, idx_tk, weight_tk, experts, plan)
 
 
-__all__ = ["DispatchResult", "ExpertWeights", "IMPLS", "capacity", "dense", "dropless",
-           "routed_experts"]
+__all__ = ["DispatchResult", "ExpertPlan", "ExpertWeights", "capacity", "dense", "dropless",
+           "grouped", "routed_experts"]

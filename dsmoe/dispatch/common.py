@@ -7,16 +7,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-# Up to this hidden size the gate and up projections run as one matmul on
-# their weights concatenated per call ([D, 2F]; the parameters stay
-# separate): fewer, larger ops, ~5-15% faster forward+backward on CPU at
-# hidden 88-256. Above it, two matmuls are as fast or faster (the
-# concatenated [.., 2F] weights and gradients cost copies), measured on
-# AVX-512 CPUs (docs/BENCHMARKS.md, M12). Used by the dense FFN, the shared
-# experts (model/layers.py) and the CPU expert loop (expert_loop.py).
-FUSE_GATE_UP_MAX_HIDDEN = 256
-
-
 class ExpertWeights(NamedTuple):
   """The routed experts' SwiGLU weights, stacked over experts."""
   w_gate_edf: jax.Array  # [E, D, F]

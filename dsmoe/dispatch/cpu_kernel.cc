@@ -15,11 +15,14 @@
 //             thread's dx) and the expert's weight gradients x^T dg, x^T du,
 //             (gate * a)^T dy, summed over its chunks.
 //
-// Threads other than the first accumulate y / dx in private buffers that are
-// summed into the output at the end (by row ranges, in parallel). Each
+// Threads other than the first accumulate y / dx in private zeroed [T, D]
+// buffers (threads - 1 of them, allocated per call) that are summed into the
+// output at the end (by row ranges, in parallel). Each
 // expert's weight gradients and each row's gate gradient are written by one
 // thread only. The matmuls are single-threaded OpenBLAS sgemm calls.
+#ifdef __linux__
 #include <sched.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -99,8 +102,12 @@ void scatter_add_rows(const float* src, const int32_t* token, int64_t n, int64_t
 int64_t thread_count(int64_t requested, int64_t experts) {
   int64_t n = requested;
   if (n <= 0) {
+#ifdef __linux__
     cpu_set_t set;
     n = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+#else
+    n = std::max<int64_t>(1, std::thread::hardware_concurrency());
+#endif
   }
   return std::max<int64_t>(1, std::min(n, experts));
 }

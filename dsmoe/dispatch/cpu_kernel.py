@@ -1,21 +1,22 @@
-"""The routed experts' SwiGLU as a C++ XLA:CPU custom call (float32).
+"""The routed experts' SwiGLU as a C++ XLA:CPU custom call (float32; opt-in).
 
 `expert_ffn` computes what expert_loop.expert_loop computes (same layout
 inputs, same maths, its own custom_vjp), in two FFI calls (cpu_kernel.cc):
 per expert, gather the rows, OpenBLAS sgemm for the three products, SwiGLU,
-scatter-add; the experts split over the CPU's cores, each core with its own
-accumulator. It exists because XLA:CPU runs the fused loop's many small row
-operations (gathers, scatter-adds, slices, in-place updates) one at a time on
-one thread, which costs 1.25-1.75x the dense FFN's time on some x86 machines
-(docs/BENCHMARKS.md, "M12, seventh look").
+scatter-add; the experts split over the CPU's cores, each core but the first
+with a private zeroed [T, D] accumulator (allocated per call). XLA:CPU runs
+the fused loop's many small row operations (gathers, scatter-adds, slices,
+in-place updates) one at a time on one thread; this runs them on every core.
 
-The library is compiled on first use with the C++ compiler ($CXX, else g++)
-against this jaxlib's FFI headers and the OpenBLAS of the `scipy-openblas32`
-wheel, for this CPU (-march=native), and cached in $DSMOE_CACHE_DIR (default
-~/.cache/dsmoe) under a name that hashes all of those. `available()` says
-whether that worked; `unavailable_reason()` says why not. Dispatch strategy
-"auto" uses the kernel on CPU when it is available (and the computation is
-float32), strategy "kernel" asks for it.
+It runs only when asked for (`model.moe.gmm_strategy="kernel"`; needs the
+`cpu-kernel` extra: `pip install "dsmoe[cpu-kernel]"`, which brings the
+`scipy-openblas32` wheel). The library is compiled on first use with the
+C++ compiler ($CXX, else g++) against this jaxlib's FFI headers and that
+OpenBLAS, for this CPU (-march=native on x86, -mcpu=native elsewhere), and
+cached in $DSMOE_CACHE_DIR (default ~/.cache/dsmoe) under a name that hashes
+the source, the command, the compiler's version, jaxlib's version and the
+CPU's feature line. `available()` says whether that worked;
+`unavailable_reason()` says why not, in one line.
 """
 
 from __future__ import annotations
@@ -44,8 +45,14 @@ CHUNK = 512  # rows per matmul: an expert's rows in chunks of at most this many
 # -fno-trapping-math (no FP exceptions are ever read) GCC vectorises the SwiGLU
 # loops (their float -> int conversions); no -ffast-math (it may turn on
 # flush-to-zero for the whole process).
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd",
-         "-fno-trapping-math", "-fno-math-errno")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-trapping-math",
+         "-fno-math-errno")
+X86 = ("x86_64", "amd64", "i386", "i686")
+
+
+def _arch_flag() -> str:
+  """Code for this CPU: -march=native on x86, -mcpu=native on ARM and others."""
+  return "-march=native" if platform.machine().lower() in X86 else "-mcpu=native"
 
 
 class KernelUnavailable(RuntimeError):
@@ -61,23 +68,40 @@ def cache_dir() -> Path:
 
 
 def _cpu_flags() -> str:
-  """The CPU's feature flags (what -march=native compiles for), if known."""
+  """The CPU's feature line (what the native flag compiles for), if known:
+  Linux's "flags" (x86) or "Features" (ARM) line, else the CPU's name."""
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
-      return next((line for line in f if line.startswith("flags")), "")
+      return next((line for line in f if line.startswith(("flags", "Features"))), "")
+  except OSError:
+    pass
+  try:  # macOS
+    done = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                          text=True, check=False)
+    return done.stdout.strip() or platform.processor()
+  except OSError:
+    return platform.processor()
+
+
+def _compiler_version(compiler: str) -> str:
+  """The first line of `compiler --version` ("" if it does not say)."""
+  try:
+    done = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False)
   except OSError:
     return ""
+  return (done.stdout.strip().splitlines() or [""])[0]
 
 
 def _build(compiler: str, openblas) -> Path:
-  """Compile cpu_kernel.cc into the cache (once per source, compiler, jaxlib,
-  OpenBLAS and CPU); returns the library's path."""
+  """Compile cpu_kernel.cc into the cache (once per source, compiler and its
+  version, jaxlib, OpenBLAS and CPU); returns the library's path."""
   lib_dir = openblas.get_lib_dir()
-  cmd = [compiler, *FLAGS, str(SOURCE), "-I", jax.ffi.include_dir(), "-I",
+  cmd = [compiler, *FLAGS, _arch_flag(), str(SOURCE), "-I", jax.ffi.include_dir(), "-I",
          openblas.get_include_dir(), "-L", lib_dir, f"-l{openblas.get_library()}",
          f"-Wl,-rpath,{lib_dir}", "-lpthread"]
   key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(cmd), jaxlib.__version__,
-                                  platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+                                  _compiler_version(compiler), platform.machine(),
+                                  _cpu_flags()]).encode()).hexdigest()[:16]
   path = cache_dir() / f"cpu_kernel-{key}.so"
   if path.exists():
     return path
@@ -109,7 +133,7 @@ def try_load(compiler: str) -> tuple[bool, str]:
       import scipy_openblas32 as openblas  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise KernelUnavailable("the scipy-openblas32 package is not installed "
-                              "(pip install scipy-openblas32)") from e
+                              "(pip install 'dsmoe[cpu-kernel]')") from e
     lib = ctypes.cdll.LoadLibrary(str(_build(compiler, openblas)))
     for name, symbol in ((FORWARD, lib.DsmoeExpertFfnForward),
                          (BACKWARD, lib.DsmoeExpertFfnBackward)):

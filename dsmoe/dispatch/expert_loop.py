@@ -1,5 +1,7 @@
 """The fused expert loop: gather -> SwiGLU -> gate * scatter-add, per expert (CPU).
 
+The "loop" implementation of the routed experts (grouped.py calls it).
+
 Not a grouped matmul: one loop does the whole routed-expert computation
 without ever building the permuted [T*K, D] buffer.
 
@@ -53,8 +55,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dsmoe.dispatch import cpu_kernel
-from dsmoe.dispatch.common import FUSE_GATE_UP_MAX_HIDDEN, ExpertWeights, gate_per_row
+from dsmoe.dispatch.common import ExpertWeights
+
+# Up to this hidden size the loop runs gate and up as one matmul on the
+# expert's two weights side by side ([D, 2F]): fewer, larger ops, faster on
+# CPU at small hidden sizes; above it, two [D, F] matmuls are as fast and
+# need no per-expert copy of the weights, activations and gradients.
+FUSE_GATE_UP_MAX_HIDDEN = 256
 
 
 def _at(a, i):
@@ -279,16 +286,3 @@ def _bwd(sizes, res, dy_td):
 
 
 expert_loop.defvjp(_fwd, _bwd)
-
-
-def run_layout(x_td, weight_tk, w: ExpertWeights, lay, sizes, kernel: bool = False) -> jax.Array:
-  """The loop over a layout (layout.Layout) whose experts start on multiples of
-  R = sizes[0]: expert e runs its count_e[e] rows rounded up to a multiple of R.
-  `kernel`: the C++ CPU kernel (cpu_kernel.py) instead, where it applies
-  (float32)."""
-  block = sizes[0]
-  weight_p = gate_per_row(weight_tk, lay.pair_p)  # [P]; 0 for padding rows
-  rows_e = (lay.count_e + block - 1) // block * block
-  if kernel and cpu_kernel.supports(x_td, w):
-    return cpu_kernel.expert_ffn(x_td, weight_p, w, lay.token_p, lay.start_e, rows_e)
-  return expert_loop(x_td, weight_p, w, lay.token_p, lay.start_e, rows_e, tuple(sizes))

@@ -28,10 +28,10 @@ class MoE(nnx.Module):
        a3 * L_CommBal (D device groups);
     3. shared experts: K_s experts run as one SwiGLU MLP of hidden
        K_s * expert_hidden on every token, unweighted;
-    4. routed experts: the configured dispatch (`spec.impl`, dsmoe.dispatch)
-       computes sum_k g_k FFN_{e_k}(u_t); when the ambient mesh has an
-       `expert` axis > 1, inside shard_map with the experts split over it
-       (dsmoe.parallel.expert, exchange `spec.ep_exchange`);
+    4. routed experts: the resolved plan (`spec.plan`: dispatch and grouped
+       SwiGLU, dsmoe.dispatch) computes sum_k g_k FFN_{e_k}(u_t); when the
+       ambient mesh has an `expert` axis > 1, inside shard_map with the
+       experts split over it (dsmoe.parallel.expert, `spec.plan.ep_exchange`);
     5. routing statistics: (token, slot) picks per expert and the dropped
        fraction.
   Steps 1, 2 and 5 see the global batch (outside shard_map), so losses and
@@ -88,19 +88,13 @@ class MoE(nnx.Module):
 
   def routed(self, x_td: jax.Array, routing: Routing, *, train: bool) -> dispatch.DispatchResult:
     """Step 4 on the flattened tokens x_td [T, D]."""
-    spec, k = self.spec, routing.idx_btk.shape[-1]
+    k = routing.idx_btk.shape[-1]
     idx_tk, weight_tk = routing.idx_btk.reshape(-1, k), routing.weight_btk.reshape(-1, k)
     if parallel.mesh.ambient_axis_size("expert") > 1:
-      return parallel.expert.routed_experts(
-          x_td, idx_tk, weight_tk, self.experts(), exchange=spec.ep_exchange, train=train,
-          capacity_factor=spec.ep_capacity_factor,
-          eval_capacity_factor=spec.eval_capacity_factor, drop_policy=spec.drop_policy,
-          backend=spec.gmm_backend, strategy=spec.gmm_strategy, block_size=spec.block_size)
-    return dispatch.routed_experts(
-        x_td, idx_tk, weight_tk, self.experts(), impl=spec.impl,
-        capacity_factor=spec.capacity_factor if train else spec.eval_capacity_factor,
-        drop_policy=spec.drop_policy, backend=spec.gmm_backend,
-        strategy=spec.gmm_strategy, block_size=spec.block_size)
+      return parallel.expert.routed_experts(x_td, idx_tk, weight_tk, self.experts(),
+                                            self.spec.plan, train=train)
+    return dispatch.routed_experts(x_td, idx_tk, weight_tk, self.experts(), self.spec.plan,
+                                   train=train)
 
   def __call__(self, x_btd: jax.Array, tokens_bt: jax.Array, *, train: bool = True):
     """(y [B,T,D], {aux loss name: value}, {"tokens_per_expert" [E], "dropped_fraction"})."""

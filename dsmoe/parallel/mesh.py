@@ -25,8 +25,9 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dsmoe.errors import ConfigError
+from dsmoe.spec import MESH_AXES
 
-AXES = ("data", "fsdp", "expert")
+AXES = MESH_AXES  # (data, fsdp, expert), the mesh order
 
 
 def axis_sizes(mesh_cfg, num_devices: int) -> dict[str, int]:
@@ -57,11 +58,16 @@ def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
 
 
 def check_model_fits(spec, mesh) -> None:
-  """The model rules that depend on the built mesh (an axis given as -1)."""
-  from dsmoe import config as config_lib  # pylint: disable=g-import-not-at-top
-  expert = dict(mesh.shape).get("expert", 1)
-  if expert > 1:
-    config_lib.check_expert_parallel(spec.model.moe, expert, spec.model.moe.num_routed_experts)
+  """The expert-parallel rules that depend on the built mesh (mesh.expert
+  given as -1; dsmoe.config checks them where the size is known)."""
+  expert, moe = dict(mesh.shape).get("expert", 1), spec.model.moe
+  if expert > 1 and moe.plan.dispatch != "dropless":
+    raise ConfigError(f"config.model.moe.impl={moe.plan.dispatch!r} is invalid: expert "
+                      "parallelism (mesh.expert > 1) runs each device's experts with the "
+                      "dropless path")
+  if expert > 1 and moe.num_routed_experts % expert:
+    raise ConfigError(f"config.mesh.expert={expert} is invalid: must divide the "
+                      f"{moe.num_routed_experts} routed experts")
 
 
 def batch_axes(mesh) -> tuple[str, ...]:

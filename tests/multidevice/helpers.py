@@ -21,9 +21,9 @@ def make_mesh(**axes):
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
-                               recv_sizes, *, axis_name):
+                               recv_sizes, *, axis_name, platform=None):
   """lax.ragged_all_to_all as its docstring defines it, built from all_gather
-  (XLA:CPU has no ragged all-to-all): sender j's chunk for this device,
+  (XLA:CPU has no ragged all-to-all; `platform` is ignored): sender j's chunk for this device,
   operand_j[input_offsets_j[me] : + send_sizes_j[me]], lands at
   output_offsets_j[me] of this device's output."""
   del recv_sizes

@@ -6,32 +6,34 @@ drops; ragged_all_to_all is one clear error on CPU.
 Run by tests/test_parallel.py (XLA_FLAGS=--xla_force_host_platform_device_count=8).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-import dsmoe
 from dsmoe.dispatch import ExpertWeights
 from dsmoe.model import MoE
 from dsmoe.parallel import expert as expert_lib
 from dsmoe.parallel import mesh as mesh_lib
-from tests.helpers import np_swiglu, small_config
+from tests.helpers import np_swiglu, small_moe_spec
 from tests.multidevice.helpers import MESHES, emulated_ragged_all_to_all, make_mesh, mesh_id, put
 
 E, K, D = 16, 3, 16
 
 
-def moe_spec(expert: int, exchange: str, **moe):
+def moe_spec(expert: int, exchange: str, capacity_factor: float = 1.25):
   """16 routed experts in `expert` device groups; every balance loss on, at
-  batch level (needs the global batch), device-limited routing M=2."""
-  sizes = dict(num_routed_experts=E, num_shared_experts=1, top_k=K, expert_hidden=8,
-               ep_exchange=exchange, aux_loss_alpha=0.1, seq_aux=False,
-               device_balance_alpha=0.05, num_device_groups=expert, max_devices_per_token=2,
-               comm_balance_alpha=0.02, **moe)
-  return dsmoe.resolve(small_config(**{"model.d_model": D, "model.init_std": 0.3},
-                                    **{f"model.moe.{k}": v for k, v in sizes.items()})).model
+  batch level (needs the global batch), device-limited routing M=2; the
+  token exchange and its capacity set in the plan directly (the config
+  refuses ragged_all_to_all on CPU, which the caller emulates)."""
+  spec = small_moe_spec(shared=1, routed=E, top_k=K, hidden=8, d=D, aux_loss_alpha=0.1,
+                        seq_aux=False)
+  return spec.replace(moe=dict(
+      device_balance_alpha=0.05, num_device_groups=expert, max_devices_per_token=2,
+      comm_balance_alpha=0.02, plan=dict(ep_exchange=exchange, capacity_factor=capacity_factor)))
 
 
 def loss_and_grads(spec, x, tokens, mesh=None):
@@ -55,7 +57,7 @@ def test_exchange_equals_single_device(axes, exchange, monkeypatch):
   if exchange == "ragged_all_to_all":
     monkeypatch.setattr(expert_lib, "ragged_all_to_all", emulated_ragged_all_to_all)
   # all_to_all capacity factor X: C = T*K rows per destination, nothing dropped.
-  spec = moe_spec(axes["expert"], exchange, ep_capacity_factor=float(axes["expert"]))
+  spec = moe_spec(axes["expert"], exchange, capacity_factor=float(axes["expert"]))
   x = jax.random.normal(jax.random.key(1), (8, 6, D))
   tokens = jnp.zeros((8, 6), jnp.int32)
   (v0, (aux0, st0)), (gs0, gx0) = loss_and_grads(spec, x, tokens)
@@ -108,10 +110,11 @@ def test_all_to_all_capacity_drops_exactly_the_expected_pairs(policy):
     want[ti] += weight[ti, j] * np_swiglu(x[ti], w[0][e], w[1][e], w[2][e])
   mesh = make_mesh(expert=8)
 
+  plan = moe_spec(8, "all_to_all").moe.plan
+  plan = dataclasses.replace(plan, capacity_factor=1.0, drop_policy=policy)
+
   def run(x, idx, weight, *w):
-    return expert_lib.routed_experts(
-        x, idx, weight, ExpertWeights(*w), exchange="all_to_all", train=True,
-        capacity_factor=1.0, drop_policy=policy)
+    return expert_lib.routed_experts(x, idx, weight, ExpertWeights(*w), plan, train=True)
 
   tok = mesh_lib.batch_sharding(mesh)
   with jax.set_mesh(mesh):
@@ -129,8 +132,3 @@ def test_ragged_all_to_all_is_one_clear_error_on_cpu():
   with pytest.raises(ValueError, match="XLA:CPU has no ragged all-to-all"):
     loss_and_grads(spec, x, jnp.zeros((8, 6), jnp.int32), make_mesh(expert=8))
 
-
-def test_auto_exchange_is_allgather_on_cpu_and_ragged_elsewhere():
-  assert expert_lib.resolve_exchange("auto", "cpu") == "allgather"
-  assert expert_lib.resolve_exchange("auto", "tpu") == "ragged_all_to_all"
-  assert expert_lib.resolve_exchange("auto", "gpu") == "ragged_all_to_all"

@@ -24,12 +24,17 @@ E, D, F = 16, 24, 40  # distinctive sizes, easy to spot in HLO shapes
 
 
 def config(**over):
+  """The spec of a small config for expert parallelism on a mesh of the test's
+  choice (mesh.expert=-1: sized by the mesh it runs on); all_to_all with room
+  for every pair (capacity factor 8), so nothing is dropped."""
   values = {"model.d_model": D, "model.num_heads": 2, "model.num_layers": 3,
             "model.moe.num_routed_experts": E, "model.moe.num_shared_experts": 1,
             "model.moe.top_k": 3, "model.moe.expert_hidden": F, "model.moe.seq_aux": False,
-            "model.moe.ep_capacity_factor": 8.0, "data.seq_len": 16,
+            "data.seq_len": 16, "mesh.data": 1, "mesh.expert": -1,
             "train.batch_size": 16, "train.grad_accum_steps": 2, "train.warmup_steps": 1,
             **over}
+  if values.get("model.moe.ep_exchange") == "all_to_all":
+    values["model.moe.capacity_factor"] = 8.0
   return small_spec(**values)
 
 
