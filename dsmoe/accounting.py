@@ -26,11 +26,6 @@ from dsmoe.spec import ModelSpec
 ROUTED_EXPERT_WEIGHTS = ("w_gate_edf", "w_up_edf", "w_down_efd")
 
 
-def abstract_model(config) -> Transformer:
-  """The model with ShapeDtypeStruct leaves (jax.eval_shape, no allocation)."""
-  return _abstract(config_lib.resolve(config).model)
-
-
 def _abstract(spec: ModelSpec) -> Transformer:
   return nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(0)))
 
