@@ -9,7 +9,7 @@ WORKDIR ?= runs/tiny
 # ignored by glibc < 2.35 and where THP is off. Set GLIBC_TUNABLES to override.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: train test install clean
+.PHONY: train test install aot-env clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,27 @@ install: $(VENV)/.installed
 train: install
 	$(PY) scripts/train.py --config $(CONFIG) --workdir $(WORKDIR)
 
-test: install
+# The tests also cover the opt-in C++ CPU kernel: its extra (scipy-openblas32).
+$(VENV)/.cpu-kernel: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[cpu-kernel]"
+	touch $@
+
+# The ahead-of-time compile environment (tests/aot, scripts/aot_compile.py):
+# libtpu and the CUDA plugin with ptxas at this jax version (about 1.6 GB).
+AOT_VENV ?= .venv-aot
+AOT_PY    = $(AOT_VENV)/bin/python
+$(AOT_VENV)/.installed: requirements-aot.txt $(VENV)/.installed
+	test -x $(AOT_PY) || $(PYTHON) -m venv $(AOT_VENV)
+	$(AOT_PY) -m pip install -q --upgrade pip
+	v=$$($(PY) -c "import jax; print(jax.__version__)") && \
+	  $(AOT_PY) -m pip install -q "jax[tpu]==$$v" "jax-cuda12-plugin==$$v" -r requirements-aot.txt
+	$(AOT_PY) -m pip install -q --no-deps -e .
+	touch $@
+
+aot-env: $(AOT_VENV)/.installed
+
+test: install $(VENV)/.cpu-kernel $(AOT_VENV)/.installed
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(AOT_VENV) runs

@@ -6,7 +6,7 @@ Layers, bottom to top:
 
   errors, spec -> config -> model, dispatch, parallel, data (and the
   params-only checkpoint I/O, accounting) -> generate, interop, train ->
-  analysis -> cli
+  analysis, aot (ahead-of-time compiles) -> cli
 
 A module may import from its own layer or below; the imports between
 modules form no cycle.
@@ -23,7 +23,7 @@ LAYERS = (
     ("dsmoe.model", "dsmoe.dispatch", "dsmoe.parallel", "dsmoe.data", "dsmoe.params_io",
      "dsmoe.accounting"),
     ("dsmoe.generate", "dsmoe.interop", "dsmoe.train"),
-    ("dsmoe.analysis",),
+    ("dsmoe.analysis", "dsmoe.aot"),
     ("dsmoe.cli",),
 )
 

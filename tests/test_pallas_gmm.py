@@ -211,3 +211,21 @@ def test_tpu_default_tiles_fit_each_generation(gen, monkeypatch):
       assert (n if kind == "gmm" else k) > (tn if kind == "gmm" else tk)
     if info.vmem >= 64 * tiling_lib.MIB:  # room for whole weight blocks
       assert (tk, tn) == (k, n) or info.megacore
+
+
+@pytest.mark.parametrize("dtype,want", [("float32", "HIGHEST"), ("bfloat16", None)])
+def test_triton_kernels_ask_float32_products_in_full_precision(dtype, want):
+  """Triton runs a float32 dot without a precision in TF32 (~1e-3 error):
+  every dot of the GPU kernels (gmm, its transpose, tgmm) asks for HIGHEST
+  in float32, and for nothing in bfloat16."""
+  from pallas_kernels.gmm import kernel_gpu  # pylint: disable=g-import-not-at-top
+  lhs, rhs, sizes, dout = case(SIZES["ragged"], jnp.dtype(dtype))
+  jaxprs = [jax.make_jaxpr(f)() for f in (
+      lambda: kernel_gpu.gmm(lhs, rhs, sizes, tiling=TILINGS["triton"]),
+      lambda: kernel_gpu.gmm(dout, rhs, sizes, tiling=TILINGS["triton"], transpose_rhs=True),
+      lambda: kernel_gpu.tgmm(lhs, dout, sizes, num_local_groups=5, tiling=TILINGS["triton"]))]
+  for jaxpr in map(str, jaxprs):
+    dots = jaxpr.count("dot_general[")
+    highest = jaxpr.count("precision=(Precision.HIGHEST, Precision.HIGHEST)")
+    assert dots > 0
+    assert highest == (dots if want else 0), jaxpr

@@ -76,13 +76,20 @@ def _gmm_kernel(first_ref, count_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_
         w = plgpu.load(rhs_ref.at[g, k_block, col_block], mask=w_mask,
                        other=None if w_mask is None else 0.0)
         dims = (((1,), (0,)), ((), ()))
-      return acc + jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+      return acc + jax.lax.dot_general(x, w, dims, precision=_precision(x),
+                                       preferred_element_type=jnp.float32)
 
     return jax.lax.fori_loop(0, pl.cdiv(k, tk), k_step, acc)
 
   acc = jax.lax.fori_loop(0, count_ref[ti], group_step, jnp.zeros((tm, tn), jnp.float32))
   plgpu.store(out_ref.at[row_block, col_block], acc.astype(out_ref.dtype),
               mask=_mask(_inside(ti * tm, tm, m), cols_ok, (tm, tn)))
+
+
+def _precision(x):
+  """float32 products in full float32 (Triton's default for them is TF32, ~1e-3
+  relative error); 16-bit inputs as they are."""
+  return jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
 
 
 def gmm(lhs, rhs, group_sizes, *, group_offset=0, tiling: Tiling = Tiling(),
@@ -121,7 +128,7 @@ def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, tm: int, tk:
                    other=0.0)  # [tm, tk]
     d = plgpu.load(dout_ref.at[row_block, col_block], mask=_mask(mine, cols_ok, (tm, tn)),
                    other=0.0)  # [tm, tn]
-    return acc + jax.lax.dot_general(x, d, (((0,), (0,)), ((), ())),
+    return acc + jax.lax.dot_general(x, d, (((0,), (0,)), ((), ())), precision=_precision(x),
                                      preferred_element_type=jnp.float32)
 
   acc = jax.lax.fori_loop(0, pl.cdiv(end - start, tm), row_step,

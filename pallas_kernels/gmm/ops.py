@@ -31,9 +31,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jex_core
+from jax.interpreters import mlir
 
 from pallas_kernels.gmm import kernel_gpu, kernel_tpu
-from pallas_kernels.gmm.tiling import Tiling
+from pallas_kernels.gmm.tiling import TileError, Tiling
 
 KERNELS = ("auto", "mosaic", "triton")
 _IMPLS = {"mosaic": kernel_tpu, "triton": kernel_gpu}
@@ -49,13 +51,41 @@ class _Options(NamedTuple):
   transpose_rhs: bool = False
 
 
-def _by_platform(opts: _Options, op: str, x, y, group_sizes, group_offset, **static):
+# A kernel that cannot be built for one platform (its tile rule refuses the
+# tiling) must not stop the others: platform_dependent traces every branch,
+# but lowers only the lowering platform's. Such a branch becomes this
+# primitive, which has the kernel's output type and raises when lowered.
+_unbuildable_p = jex_core.Primitive("dsmoe_gmm_unbuildable")
+_unbuildable_p.def_abstract_eval(lambda x, *, shape, dtype, message: jax.core.ShapedArray(
+    shape, dtype))
+
+
+def _refuse_lowering(ctx, x, *, shape, dtype, message):
+  raise TileError(message)
+
+
+mlir.register_lowering(_unbuildable_p, _refuse_lowering)
+
+
+def _by_platform(opts: _Options, op: str, x, y, group_sizes, group_offset, *, out_shape,
+                 **static):
   """kernel_<impl>.<op>(x, y, group_sizes, group_offset=...) with the
-  implementation for the lowering platform (`static`: hashable keywords)."""
+  implementation for the lowering platform (`static`: hashable keywords;
+  `out_shape`: the result's ShapeDtypeStruct). A tiling that one platform's
+  kernel refuses is an error when lowering for that platform only."""
   def call(impl: str, interpret: bool):
     fn = getattr(_IMPLS[impl], op)
-    return lambda x, y, sizes, offset: fn(x, y, sizes, group_offset=offset,
-                                          interpret=interpret, tiling=opts.tiling, **static)
+
+    def branch(x, y, sizes, offset):
+      try:
+        return fn(x, y, sizes, group_offset=offset, interpret=interpret, tiling=opts.tiling,
+                  **static)
+      except TileError as e:
+        if opts.kernel != "auto" or opts.interpret:
+          raise
+        return _unbuildable_p.bind(x, shape=tuple(out_shape.shape), dtype=out_shape.dtype,
+                                   message=f"{op} ({impl} kernel): {e}")
+    return branch
 
   args = (x, y, group_sizes, group_offset)
 
@@ -84,7 +114,9 @@ def _check(lhs, rhs_or_dout, group_sizes, name: str):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _gmm(lhs, rhs, group_sizes, group_offset, opts: _Options):
-  return _by_platform(opts, "gmm", lhs, rhs, group_sizes, group_offset,
+  n = rhs.shape[1] if opts.transpose_rhs else rhs.shape[2]
+  out = jax.ShapeDtypeStruct((lhs.shape[0], n), opts.out_dtype or lhs.dtype)
+  return _by_platform(opts, "gmm", lhs, rhs, group_sizes, group_offset, out_shape=out,
                       preferred_element_type=opts.out_dtype, transpose_rhs=opts.transpose_rhs)
 
 
@@ -97,9 +129,14 @@ def _gmm_bwd(opts: _Options, res, dout):
   lhs, rhs, group_sizes, group_offset = res
   dout = dout.astype(lhs.dtype)
   d_lhs = _by_platform(opts, "gmm", dout, rhs, group_sizes, group_offset,
+                       out_shape=jax.ShapeDtypeStruct(lhs.shape, lhs.dtype),
                        preferred_element_type=lhs.dtype, transpose_rhs=not opts.transpose_rhs)
   a, b = (dout, lhs) if opts.transpose_rhs else (lhs, dout)  # d_rhs[l] = a[rows]^T b[rows]
-  d_rhs = _by_platform(opts, "tgmm", a, b, group_sizes, group_offset,
+  # tgmm steps over rows: its row tile is its own (the default), not the
+  # forward's (which the MoE sets to its block size).
+  tgmm_opts = opts._replace(tiling=opts.tiling._replace(tm=None))
+  d_rhs = _by_platform(tgmm_opts, "tgmm", a, b, group_sizes, group_offset,
+                       out_shape=jax.ShapeDtypeStruct(rhs.shape, rhs.dtype),
                        num_local_groups=rhs.shape[0], preferred_element_type=rhs.dtype)
   return d_lhs, d_rhs, None, None
 
@@ -136,7 +173,9 @@ def tgmm(lhs, dout, group_sizes, *, tiling: Tiling | None = None, group_offset=0
   if dout.ndim != 2 or dout.shape[0] != lhs.shape[0]:
     raise ValueError(f"tgmm: dout must be [m={lhs.shape[0]}, n]; got {dout.shape}")
   opts = _Options(tiling or Tiling(), preferred_element_type, kernel, interpret)
+  local = num_local_groups or group_sizes.shape[0]
+  out = jax.ShapeDtypeStruct((local, lhs.shape[1], dout.shape[1]),
+                             preferred_element_type or lhs.dtype)
   return _by_platform(opts, "tgmm", lhs, dout, group_sizes.astype(jnp.int32),
-                      jnp.asarray(group_offset, jnp.int32),
-                      num_local_groups=num_local_groups or group_sizes.shape[0],
-                      preferred_element_type=preferred_element_type)
+                      jnp.asarray(group_offset, jnp.int32), out_shape=out,
+                      num_local_groups=local, preferred_element_type=preferred_element_type)

@@ -14,21 +14,31 @@ a group's weight block stays in VMEM while all of the group's row tiles
 stream past it (no refetch), and are halved (in multiples of the MXU width)
 until the double-buffered blocks fit the generation's VMEM budget. On a
 megacore chip (v4, v5p) gmm keeps at least two column tiles and tgmm two row
-tiles of drhs, one for each TensorCore. The generation is read from the local TPU; lowering without
-one (exporting from a CPU) uses a conservative generic entry.
+tiles of drhs, one for each TensorCore. The generation is the one named by
+:func:`tpu_target` (the ahead-of-time compile for a TPU slice from a CPU host
+sets it), else the local TPU's; lowering with neither (exporting from a CPU)
+uses a conservative generic entry.
 
 GPU (Triton): tile sides are powers of two >= 16 (Triton's rule); defaults
 are a common Triton matmul configuration (128 x 128, k-steps of 64 for
-16-bit inputs, 4 warps, 3 stages), not tuned on hardware (no GPU measured).
+16-bit inputs, up to 3 pipeline stages within GPU_SMEM_BUDGET) with 8 warps
+(GPU_WARPS), not tuned on hardware: they compile for sm_80 and sm_90 (the
+deviceless compile tests), no GPU has timed them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import NamedTuple
 
 import jax
 import numpy as np
+
+
+class TileError(ValueError):
+  """A tile size the platform's kernel cannot take (the message names the rule)."""
 
 
 class Tiling(NamedTuple):
@@ -66,8 +76,30 @@ _DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5
                  "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e", "TPU7x": "v7x"}
 
 
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("tpu_target", default=None)
+
+
+@contextlib.contextmanager
+def tpu_target(generation: str):
+  """Within it, kernels are tiled for TPU `generation` (a key of
+  TPU_GENERATIONS, or a device kind such as "TPU v5 lite"), whatever the
+  local devices are: for compiling ahead of time for a TPU one does not have."""
+  name = _DEVICE_KINDS.get(generation, generation)
+  if name not in TPU_GENERATIONS:
+    raise ValueError(f"tpu_target({generation!r}): expected one of {sorted(TPU_GENERATIONS)} "
+                     f"or a device kind {sorted(_DEVICE_KINDS)}")
+  token = _TARGET.set(name)
+  try:
+    yield TPU_GENERATIONS[name]
+  finally:
+    _TARGET.reset(token)
+
+
 def tpu_generation() -> TpuGeneration:
-  """The local TPU's generation, or the generic entry (no TPU, or unknown)."""
+  """The generation of :func:`tpu_target`, else the local TPU's, else the
+  generic entry (no TPU, or unknown)."""
+  if _TARGET.get() is not None:
+    return TPU_GENERATIONS[_TARGET.get()]
   try:
     device = jax.devices()[0]
   except RuntimeError:
@@ -87,7 +119,7 @@ def _fit_rows(tm: int | None, m: int, default: int) -> int:
   if tm >= m:
     return m
   if tm % 8:
-    raise ValueError(f"tiling.tm={tm}: TPU row tiles are multiples of 8 (or all {m} rows)")
+    raise TileError(f"tiling.tm={tm}: TPU row tiles are multiples of 8 (or all {m} rows)")
   return tm
 
 
@@ -96,7 +128,7 @@ def _fit_cols(t: int | None, dim: int) -> int:
   if t is None or t >= dim:
     return dim
   if t % 128:
-    raise ValueError(f"tiling: TPU column tiles are multiples of 128 (or all {dim}); got {t}")
+    raise TileError(f"tiling: TPU column tiles are multiples of 128 (or all {dim}); got {t}")
   return t
 
 
@@ -105,7 +137,9 @@ def tpu_gmm_tiles(tiling: Tiling, m: int, k: int, n: int, in_bytes: int, out_byt
   gen, tm, tk, tn = _first_tiles(tiling, m, k, n)
 
   def need(tk, tn):
-    return 2 * (tm * tk + tk * tn) * in_bytes + 2 * tm * tn * out_bytes + 4 * tm * tn
+    operands = tm * tk + tk * tn
+    return (2 * operands * in_bytes + _f32_split(operands, in_bytes)
+            + 2 * tm * tn * out_bytes + 4 * tm * tn)
 
   if tiling.tn is None and gen.megacore and n >= 2 * gen.mxu:
     tn = _down(-(-n // 2) + gen.mxu - 1, gen.mxu)  # two column tiles, one per core
@@ -118,7 +152,9 @@ def tpu_tgmm_tiles(tiling: Tiling, m: int, k: int, n: int, in_bytes: int, out_by
   gen, tm, tk, tn = _first_tiles(tiling, m, k, n)
 
   def need(tk, tn):
-    return 2 * (tm * tk + tm * tn) * in_bytes + 2 * tk * tn * out_bytes + 4 * tk * tn
+    operands = tm * tk + tm * tn
+    return (2 * operands * in_bytes + _f32_split(operands, in_bytes)
+            + 2 * tk * tn * out_bytes + 4 * tk * tn)
 
   if tiling.tk is None and gen.megacore and k >= 2 * gen.mxu:
     tk = _down(-(-k // 2) + gen.mxu - 1, gen.mxu)  # two row tiles of drhs, one per core
@@ -148,6 +184,14 @@ def _within_budget(tiling: Tiling, gen: TpuGeneration, need, tk: int, tn: int, k
   return tk, tn
 
 
+def _f32_split(operand_elements: int, in_bytes: int) -> int:
+  """VMEM for a float32 matmul at full precision on the bfloat16 MXU: Mosaic
+  keeps three bfloat16 pieces of each operand block (hi, mid, lo). Without
+  this term the real compiler ran out of scoped VMEM for float32 tiles at
+  the DeepSeekMoE-16B expert shape (it needed 1.56x the blocks' bytes)."""
+  return 3 * 2 * operand_elements if in_bytes == 4 else 0
+
+
 def _vmem_limit(need: int, gen: TpuGeneration) -> int:
   """Scoped VMEM to ask Mosaic for: our blocks plus room for its own scratch."""
   return int(min(gen.vmem * 7 // 8, max(need + need // 4, 8 * MIB)))
@@ -157,17 +201,29 @@ def _pow2(t: int, dim: int) -> int:
   """A Triton block side: a power of two >= 16, no larger than needed for dim."""
   t = min(t, max(16, int(2 ** np.ceil(np.log2(max(dim, 1))))))
   if t < 16 or t & (t - 1):
-    raise ValueError(f"tiling: GPU (Triton) tiles are powers of two >= 16; got {t}")
+    raise TileError(f"tiling: GPU (Triton) tiles are powers of two >= 16; got {t}")
   return t
+
+
+# Shared memory the software pipeline's stages may take per block: below an
+# A100's 163 KiB (an H100 has 227 KiB), so one default fits every GPU we target.
+GPU_SMEM_BUDGET = 160 * 1024
+# 8 warps: with 128 x 128 tiles 4 warps need more than 255 registers per
+# thread and spill (as ptxas reports for sm_90a); 8 warps use 165-185, no spills.
+GPU_WARPS = 8
 
 
 def gpu_tiles(tiling: Tiling, m: int, k: int, n: int, in_bytes: int, transposed: bool = False):
   """(tm, tk, tn, num_warps, num_stages) of a Triton kernel.
 
   `transposed`: tgmm, whose output tile is tk x tn and which steps over rows.
+  Unless num_stages is given, the pipeline gets as many stages (at most 3) as
+  fit GPU_SMEM_BUDGET.
   """
   small_k = 64 if in_bytes <= 2 else 32
   tm = _pow2(tiling.tm or (64 if transposed else 128), m)
   tk = _pow2(tiling.tk or (128 if transposed else small_k), k)
   tn = _pow2(tiling.tn or 128, n)
-  return tm, tk, tn, tiling.num_warps or 4, tiling.num_stages or 3
+  per_stage = (tm * tk + (tm * tn if transposed else tk * tn)) * in_bytes
+  stages = tiling.num_stages or max(1, min(3, GPU_SMEM_BUDGET // per_stage))
+  return tm, tk, tn, tiling.num_warps or GPU_WARPS, stages

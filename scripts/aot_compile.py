@@ -1,0 +1,97 @@
+"""Compile the real train step for a TPU slice or GPU hosts, without the hardware.
+
+    .venv-aot/bin/python scripts/aot_compile.py --config configs/paper_16b.py \
+        --target tpu:v5p-256 --mesh fsdp=16,expert=8 --config.model.scan_layers=True \
+        --config.model.dtype=bfloat16 --config.model.remat=full \
+        --config.train.grad_accum_steps=9 --json /tmp/plan.json
+
+Targets (dsmoe/aot/targets.py): tpu:<generation>-<size> (Cloud TPU slice
+names: v4-8, v5p-256, v5e-8, v6e-64, ...) or tpu:<generation>:<topology>,
+and cuda:<h100|h200|a100>x<count> (hosts of 8). Runs in the AOT environment
+(`make aot-env`: libtpu and the CUDA plugin). The config is resolved for the
+target's platform, so "auto" settings are what the target runs. Prints, per
+chip, the compiled memory against the chip's HBM, the kernels (Pallas custom
+calls) and collectives, and XLA's cost-model figures (an estimate, and one
+that counts each loop body once). A plan that does not fit is one `error:`
+line with exit status 1 (after writing --json). --mesh sets config.mesh
+(axes not named are 1).
+"""
+
+import json
+
+from absl import flags
+from ml_collections import config_flags
+
+from dsmoe import cli
+from dsmoe.errors import ConfigError
+
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("target", None, "What to compile for: tpu:v5p-256, tpu:v5e:2x4, "
+                    "cuda:h100x8, ...")
+flags.DEFINE_string("mesh", None, "Mesh axes, e.g. 'fsdp=16,expert=8' (others 1); "
+                    "default: the config's mesh.")
+flags.DEFINE_string("json", None, "Also write the plan to this JSON file.")
+flags.mark_flags_as_required(["config", "target"])
+FLAGS = flags.FLAGS
+AXES = ("data", "fsdp", "expert")
+
+
+def mesh_sizes(text: str) -> dict:
+  sizes = {}
+  for part in filter(None, text.split(",")):
+    key, _, value = part.partition("=")
+    if key not in AXES or not value.isdigit() or int(value) < 1:
+      raise ConfigError(f"--mesh={text!r} is invalid: expected axis=size pairs of "
+                        f"{list(AXES)}, e.g. 'fsdp=16,expert=8'")
+    sizes[key] = int(value)
+  return sizes
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB"
+
+
+def report(plan: dict) -> None:
+  if not plan["compiled"]:
+    print(f"target {plan['target']}: {plan['devices']} x {plan['device_kind']}; mesh "
+          f"{plan['mesh']}; the compiler refused it for device memory after "
+          f"{plan['compile_s']} s: {plan['error']}")
+    return
+  print(f"target {plan['target']}: {plan['devices']} x {plan['device_kind']}; mesh "
+        f"{plan['mesh']}; compiled in {plan['compile_s']} s")
+  print(f"routed experts: {plan['plan']['grouped']}; token exchange: "
+        f"{plan['plan']['ep_exchange']}")
+  print("memory per chip (this compiler's memory_analysis):")
+  for k, v in plan["memory"].items():
+    print(f"  {k:12s} {_gib(v)}")
+  print(f"  HBM          {_gib(plan['hbm_bytes'])}: {'fits' if plan['fits'] else 'DOES NOT FIT'}")
+  kernels = ", ".join(f"{k} x{v}" for k, v in plan["kernels"].items()) or "none (XLA ops only)"
+  print(f"Pallas kernels: {kernels}")
+  print("collectives per step, per chip:")
+  for op, row in sorted(plan["collectives"].items()):
+    print(f"  {op:20s} {row['count']:6d} x  {_gib(row['bytes'])}")
+  cost = plan["cost_estimate"]
+  print("XLA cost model (an estimate; loop bodies counted once): " + ", ".join(
+      f"{k} {v:.3g}" for k, v in cost.items()))
+
+
+def main(argv):
+  del argv
+  from dsmoe import aot  # pylint: disable=g-import-not-at-top
+  mesh = mesh_sizes(FLAGS.mesh) if FLAGS.mesh else None
+  plan = aot.plan(FLAGS.config, FLAGS.target, mesh=mesh)
+  report(plan)
+  if FLAGS.json:
+    with open(FLAGS.json, "w", encoding="utf-8") as f:
+      json.dump(plan, f, indent=1)
+  if not plan["fits"]:
+    bound = "" if plan["compiled"] else "at least "  # the compiler stopped at its first overrun
+    cli.fail(f"the plan does not fit: peak {bound}{_gib(plan['memory']['peak'])} per chip > "
+             f"{_gib(plan['hbm_bytes'])} HBM of {plan['device_kind']}; lower "
+             "train.batch_size or raise train.grad_accum_steps, set model.remat=full, or "
+             "spread the model over more chips (--mesh fsdp=..., expert=...)")
+
+
+if __name__ == "__main__":
+  cli.run(main)
