@@ -208,8 +208,9 @@ def _pow2(t: int, dim: int) -> int:
 # Shared memory the software pipeline's stages may take per block: below an
 # A100's 163 KiB (an H100 has 227 KiB), so one default fits every GPU we target.
 GPU_SMEM_BUDGET = 160 * 1024
-# 8 warps: with 128 x 128 tiles 4 warps need more than 255 registers per
-# thread and spill (as ptxas reports for sm_90a); 8 warps use 165-185, no spills.
+# 8 warps: a 128 x 128 float32 accumulator over 4 warps is 128 registers per
+# thread before any operand fragment, close to the 255 a thread may hold (so
+# it spills); over 8 warps it is 64.
 GPU_WARPS = 8
 
 
