@@ -110,6 +110,10 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, tiling: Tiling = Tiling(),
       in_specs=[_whole(x.shape) for x in operands],
       out_specs=_whole((m, n)),
       compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+      cost_estimate=pl.CostEstimate(
+          flops=2 * m * k * n, transcendentals=0,
+          bytes_accessed=(m * k + num_local * k * n) * lhs.dtype.itemsize
+          + m * n * out_dtype.itemsize),
       interpret=interpret,
       name="dsmoe_gmm_gpu")(*operands)
 
@@ -154,5 +158,9 @@ def tgmm(lhs, dout, group_sizes, *, group_offset=0, num_local_groups: int,
       in_specs=[_whole(x.shape) for x in operands],
       out_specs=_whole(out_shape),
       compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+      cost_estimate=pl.CostEstimate(
+          flops=2 * m * k * n, transcendentals=0,
+          bytes_accessed=(m * k + m * n) * lhs.dtype.itemsize
+          + num_local_groups * k * n * out_dtype.itemsize),
       interpret=interpret,
       name="dsmoe_tgmm_gpu")(*operands)
