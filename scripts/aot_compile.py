@@ -67,8 +67,10 @@ def report(plan: dict) -> None:
     print(f"  {k:12s} {_gib(v)}")
   print(f"  HBM          {_gib(plan['hbm_bytes'])}: {'fits' if plan['fits'] else 'DOES NOT FIT'}")
   kernels = ", ".join(f"{k} x{v}" for k, v in plan["kernels"].items()) or "none (XLA ops only)"
-  print(f"Pallas kernels: {kernels}")
-  print("collectives per step, per chip:")
+  print(f"kernels (custom calls): {kernels}")
+  exact = "" if plan["collectives_exact"] else (
+      " (this compiler's HLO has no loop trip counts: each loop body counted once)")
+  print(f"collectives per step, per chip{exact}:")
   for op, row in sorted(plan["collectives"].items()):
     print(f"  {op:20s} {row['count']:6d} x  {_gib(row['bytes'])}")
   cost = plan["cost_estimate"]

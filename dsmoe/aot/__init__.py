@@ -27,7 +27,8 @@ import time
 from dsmoe.aot.targets import Target, target
 
 # Custom-call targets of the Pallas kernels in compiled HLO.
-KERNEL_CALLS = {"tpu_custom_call": "Mosaic (Pallas TPU)",
+# (Mosaic calls are also how XLA:TPU runs some ops of its own, e.g. ragged_dot.)
+KERNEL_CALLS = {"tpu_custom_call": "Mosaic (Pallas, or XLA:TPU's own kernels)",
                 "__gpu$xla.gpu.triton": "Triton (Pallas GPU)"}
 
 
@@ -132,6 +133,9 @@ def plan(config, target_name: str, mesh: dict[str, int] | None = None) -> dict:
       "custom_calls": calls,
       "kernels": {KERNEL_CALLS[k]: v for k, v in calls.items() if k in KERNEL_CALLS},
       "collectives": hlo.summary(colls),
+      # False where a loop around a collective has no trip count in the HLO
+      # (XLA:TPU's compiled HLO records none): its count is then per loop body.
+      "collectives_exact": all(c.exact_count for c in colls),
       "cost_estimate": cost_of(compiled),
   }
 
