@@ -18,11 +18,16 @@ from dsmoe import config as config_lib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # configs/tiny.py's structure (dense layer 0, 2 shared + 30 routed experts,
-# top-6) at dimensions that train in seconds.
+# top-6) at dimensions that train in seconds. A constant learning rate after
+# the warmup: the compiled train step then does not depend on train.steps, so
+# runs of any length (in this process or in a script) share one compilation
+# through the persistent cache (conftest.py). The paper's schedule is tested
+# by itself (test_train.py) and in configs/tiny.py's own run (test_tiny_run.py).
 SMALL = {"model.d_model": 32, "model.num_layers": 2, "model.num_heads": 2,
          "model.dense_hidden": 64, "model.moe.fine_grained.ffn_hidden": 64,
          "data.seq_len": 32, "train.batch_size": 4, "train.warmup_steps": 5,
-         "train.log_every": 1, "train.eval_batches": 1, "train.peak_flops": 1e9}
+         "train.schedule": "constant", "train.log_every": 1, "train.eval_batches": 1,
+         "train.peak_flops": 1e9}
 
 # ---------------------------------------------------------------- configs
 

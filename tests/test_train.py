@@ -92,13 +92,16 @@ def test_optimizer_applies_the_paper_adamw():
 # ------------------------------------------------------ gradient accumulation
 
 def _one_step(config, batch):
+  """One step of the trainer's jitted train step, on `batch` with the
+  positions the loader adds: the program of the trainer's runs of this config
+  (which share its compilation)."""
   config = config_lib.resolve(config)
   tx = optimizer.make_optimizer(config.train)
   graphdef, state = step.init_state(config, tx)
-  fn = jax.jit(lambda s, b: step.train_step(
-      s, b, graphdef=graphdef, tx=tx, schedule=optimizer.make_schedule(config.train),
-      accum=config.train.grad_accum_steps, skip_nonfinite=False))
-  return fn(state, batch)
+  assert not config.train.skip_nonfinite
+  rows, length = batch["inputs"].shape
+  batch = {"positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)), **batch}
+  return step.jit_train_step(config, graphdef, tx)(state, batch)
 
 
 def test_grad_accumulation_equals_the_large_batch():
@@ -202,15 +205,23 @@ def test_truncate_jsonl_drops_later_and_cut_lines(tmp_path):
 
 # ------------------------------------------------------------ end to end
 
-def test_logged_loss_is_the_mean_of_the_interval(tmp_path):
+@pytest.fixture(scope="module")
+def run30(tmp_path_factory):
+  """(workdir, result) of 30 steps logging every step, shared: the learning
+  rate of the small config is constant after the warmup, so its first steps
+  are those of any shorter run (same seed and data)."""
+  workdir = tmp_path_factory.mktemp("run30")
+  out = loop.train_and_evaluate(small_config(**{"train.steps": 30,
+                                                "train.checkpoint_every": 30}), workdir)
+  return workdir, out
+
+
+def test_logged_loss_is_the_mean_of_the_interval(run30, tmp_path):
   """Logging every 5 steps gives the token-weighted mean of the 5 per-step
   losses that a run logging every step reports (same seed and data)."""
-  every = loop.train_and_evaluate(small_config(**{"train.steps": 10}), tmp_path / "a")
-  fives = loop.train_and_evaluate(small_config(**{"train.steps": 10, "train.log_every": 5}),
-                                  tmp_path / "b")
-  del every, fives
-  per_step = metrics.read_jsonl(tmp_path / "a" / "metrics.jsonl")
-  logged = [r for r in metrics.read_jsonl(tmp_path / "b" / "metrics.jsonl") if "loss" in r]
+  loop.train_and_evaluate(small_config(**{"train.steps": 10, "train.log_every": 5}), tmp_path)
+  per_step = metrics.read_jsonl(run30[0] / "metrics.jsonl")
+  logged = [r for r in metrics.read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
   assert [r["step"] for r in logged] == [5, 10]
   for rec, lo in zip(logged, (0, 5)):
     window = [r for r in per_step if "loss" in r][lo:lo + 5]
@@ -219,9 +230,8 @@ def test_logged_loss_is_the_mean_of_the_interval(tmp_path):
     assert rec["loss_step"] == pytest.approx(window[-1]["loss"], rel=1e-6)
 
 
-def test_30_steps_lower_the_loss(tmp_path):
-  out = loop.train_and_evaluate(small_config(**{"train.steps": 30,
-                                                "train.checkpoint_every": 30}), tmp_path)
+def test_30_steps_lower_the_loss(run30):
+  tmp_path, out = run30
   losses = [l for _, l in read_losses(tmp_path)]
   assert len(losses) == 30 and not out["stopped"]
   assert np.mean(losses[-3:]) < losses[0] - 1.0, losses
@@ -326,16 +336,17 @@ def test_diverged_parameters_are_never_saved(tmp_path):
   spec = config_lib.resolve(config)
   tx = optimizer.make_optimizer(spec.train)
   batch = next(iter(loop.make_loader(spec, "validation")))
+  loss_and_grads = None  # jitted once: every checkpoint has the same structure
   for s in steps:
     graphdef, state, _ = state_lib.init_or_restore(
         spec, tx, Checkpoints(tmp_path, read_only=True), loop.make_mesh(), None, s)
-
-    def ce(params):
-      logits, _ = nnx.merge(graphdef, params, state["rest"])(batch["inputs"],
-                                                             batch["segment_ids"])
-      return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits),
-                                           batch["targets"][..., None], -1))
-    loss, grads = jax.jit(jax.value_and_grad(ce))(state["params"])
+    if loss_and_grads is None:
+      def ce(params, rest, graphdef=graphdef):
+        logits, _ = nnx.merge(graphdef, params, rest)(batch["inputs"], batch["segment_ids"])
+        return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                             batch["targets"][..., None], -1))
+      loss_and_grads = jax.jit(jax.value_and_grad(ce))
+    loss, grads = loss_and_grads(state["params"], state["rest"])
     assert np.isfinite(float(loss)), s
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads)), s
 
