@@ -94,6 +94,15 @@ def read_losses(workdir):
 # ---------------------------------------------------------------- processes
 
 
+def selected_params(request, test, argname):
+  """The `argname` values of the selected cases of `test` (a parametrized
+  test of the module asking), in order: for a module fixture that runs the
+  processes of all of them at once."""
+  prefix = f"{request.node.nodeid}::{test}["
+  return [item.callspec.params[argname] for item in request.session.items
+          if item.nodeid.startswith(prefix)]
+
+
 def script_cmd(script, workdir, overrides, *extra, config=f"{ROOT}/configs/tiny.py"):
   """argv of scripts/<script> on `config` shrunk by SMALL, then `overrides`
   (dotted keys, as for small_config), then `extra` flags."""

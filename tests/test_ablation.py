@@ -79,12 +79,27 @@ TINY = ["--config.model.d_model=16", "--config.model.num_layers=1", "--config.mo
         "--config.data.eval_doc_tokens=64", "--config.train.peak_flops=1e9"]
 
 
-def run_script(workdir, *extra):
+def start_script(workdir, *extra):
+  """scripts/run_ablation.py on a 2 x 2 grid of TINY runs, started."""
   cmd = [sys.executable, str(ROOT / "scripts" / "run_ablation.py"), f"--workdir={workdir}",
          "--variants=gshard,deepseekmoe", "--seeds=0,1", "--steps=3",
          f"--config.data.data_dir={workdir.parent / 'tfds'}", *TINY, *extra]
-  return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def finish(proc):
+  """The finished `proc` as a CompletedProcess (stdout, stderr, returncode)."""
+  try:
+    stdout, stderr = proc.communicate(timeout=600)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise
+  return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run_script(workdir, *extra):
+  return finish(start_script(workdir, *extra))
 
 
 @pytest.mark.slow
@@ -107,20 +122,26 @@ def test_runner_writes_results_skips_finished_and_resumes(tmp_path):
 
   cell = work / "gshard" / "seed1"
   before = (cell / "run.json").stat().st_mtime_ns
-  second = run_script(work, "--out", str(tmp_path / "report"))
+  # The interrupted run below works on a copy of the grid, beside this second run.
+  copy = tmp_path / "copy"
+  shutil.copytree(work, copy)
+  second = start_script(work, "--out", str(tmp_path / "report"))
+
+  # An interrupted run: its last checkpoint and run.json are gone; the grid
+  # resumes it from step 2 and ends where the uninterrupted run ended.
+  cell_copy = copy / "gshard" / "seed1"
+  done = json.loads((cell_copy / "run.json").read_text())
+  (cell_copy / "run.json").unlink()
+  shutil.rmtree(cell_copy / "checkpoints" / "3")
+  config = ablation.config_from_json(str(cell_copy / "config.json"))
+  rows = ablation.run_grid([ablation.Cell("gshard", 1)], str(copy), lambda c: config)
+  assert rows[0]["resumed"] and rows[0]["eval_loss"] == done["eval_loss"]
+
+  second = finish(second)
   assert second.returncode == 0, second.stderr[-3000:]
   assert second.stdout.count("skipped") == 4
   assert (cell / "run.json").stat().st_mtime_ns == before
   assert (tmp_path / "report" / "raw" / "gshard" / "seed1" / "run.json").exists()
-
-  # An interrupted run: its last checkpoint and run.json are gone; the grid
-  # resumes it from step 2 and ends where the uninterrupted run ended.
-  done = json.loads((cell / "run.json").read_text())
-  (cell / "run.json").unlink()
-  shutil.rmtree(cell / "checkpoints" / "3")
-  config = ablation.config_from_json(str(cell / "config.json"))
-  rows = ablation.run_grid([ablation.Cell("gshard", 1)], str(work), lambda c: config)
-  assert rows[0]["resumed"] and rows[0]["eval_loss"] == done["eval_loss"]
 
 
 def test_a_workdir_of_another_config_is_refused(tmp_path):

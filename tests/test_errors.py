@@ -5,8 +5,9 @@ line naming the key or path, there is no traceback, and nothing in the
 workdir was lost or changed (every file compared by hash before and after).
 
 Most cases stop before anything is compiled, so each costs a few seconds;
-one small reference run (2 steps) is shared. The disk cases mount a small
-tmpfs (skipped, with the reason, where mounting is not allowed).
+one small reference run (2 steps) is shared, and the bad-data cases run side
+by side. The disk cases mount a small tmpfs (skipped, with the reason, where
+mounting is not allowed).
 """
 
 import contextlib
@@ -20,8 +21,8 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, script_cmd, script_env
 from dsmoe.train import checkpoint
+from tests.helpers import ROOT, script_cmd, script_env, selected_params
 
 RUN = {"train.steps": 2, "train.checkpoint_every": 1}
 
@@ -29,6 +30,21 @@ RUN = {"train.steps": 2, "train.checkpoint_every": 1}
 def _run(cmd, env=None, timeout=300):
   return subprocess.run(cmd, cwd=ROOT, env=script_env(**(env or {})), stdout=subprocess.PIPE,
                         stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def _start(cmd):
+  """`cmd` started as _run runs it; _finish waits for it."""
+  return subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=300):
+  try:
+    stdout, _ = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise
+  return subprocess.CompletedProcess(proc.args, proc.returncode, stdout)
 
 
 def _error(res, *needles, code=1) -> str:
@@ -182,22 +198,46 @@ def _damaged_validation_shard(tmp_path):
   return overrides
 
 
-@pytest.mark.parametrize("make,needles", [
-    (lambda t: {"data.text_dir": t / "nope"}, ["data.text_dir: directory", "nope",
-                                                "does not exist"]),
-    (lambda t: (t / "empty").mkdir() or {"data.text_dir": t / "empty"}, ["is empty"]),
-    (_broken_link_dir, ["skipped (1 unreadable (e.g. 'notes.txt'"]),
-    (lambda t: {"data.tfds_name": "tiny_shakespeare"}, [
+# case: (make(folder) -> the data overrides, needles of the error line)
+BAD_DATA = {
+    "missing_text_dir": (lambda t: {"data.text_dir": t / "nope"},
+                         ["data.text_dir: directory", "nope", "does not exist"]),
+    "empty_text_dir": (lambda t: (t / "empty").mkdir() or {"data.text_dir": t / "empty"},
+                       ["is empty"]),
+    "only_a_broken_link": (_broken_link_dir, ["skipped (1 unreadable (e.g. 'notes.txt'"]),
+    "unprepared_tfds": (lambda t: {"data.tfds_name": "tiny_shakespeare"}, [
         "data.tfds_name='tiny_shakespeare' is not prepared", "download_and_prepare"]),
-    (_text_without_validation, ["has no split 'validation'", "data.validation_percent"]),
-    (_damaged_validation_shard, ["the 'validation' split of", "cannot be read (Corrupted",
-                                 "delete that folder to build it again"]),
-], ids=["missing_text_dir", "empty_text_dir", "only_a_broken_link", "unprepared_tfds",
-        "no_validation_split", "damaged_validation_shard"])
-def test_bad_data_stops_before_the_first_step(workdir, tmp_path, make, needles):
-  overrides = {**RUN, "train.steps": 4, "data.tokenizer": "bytes",
-               "data.data_dir": tmp_path / "tfds", **make(tmp_path)}
-  _error(_run(script_cmd("train.py", workdir, overrides)), *needles)
+    "no_validation_split": (_text_without_validation,
+                            ["has no split 'validation'", "data.validation_percent"]),
+    "damaged_validation_shard": (_damaged_validation_shard, [
+        "the 'validation' split of", "cannot be read (Corrupted",
+        "delete that folder to build it again"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_data_runs(request, reference, tmp_path_factory):
+  """train.py on a copy of the reference run, for every selected case of
+  test_bad_data_stops_before_the_first_step, all started at once:
+  {case: (workdir, its snapshot before, the finished run)}."""
+  started = {}
+  for case in selected_params(request, "test_bad_data_stops_before_the_first_step", "case"):
+    folder = tmp_path_factory.mktemp(case)
+    workdir = folder / "run"
+    shutil.copytree(reference, workdir)
+    overrides = {**RUN, "train.steps": 4, "data.tokenizer": "bytes",
+                 "data.data_dir": folder / "tfds", **BAD_DATA[case][0](folder)}
+    started[case] = (workdir, _snapshot(workdir),
+                     _start(script_cmd("train.py", workdir, overrides)))
+  return {case: (workdir, before, _finish(proc))
+          for case, (workdir, before, proc) in started.items()}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_stops_before_the_first_step(bad_data_runs, case):
+  workdir, before, res = bad_data_runs[case]
+  _error(res, *BAD_DATA[case][1])
+  assert _snapshot(workdir) == before
 
 
 def test_debug_shows_the_traceback(tmp_path):

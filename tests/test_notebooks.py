@@ -14,7 +14,7 @@ import pathlib
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, selected_params
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 MAX_BYTES = 100_000  # saved notebooks stay small (no large outputs)
@@ -26,8 +26,7 @@ def executed(request, tmp_path_factory):
   outputs, the exception its execution raised or None)}."""
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
-  paths = [item.callspec.params["path"] for item in request.session.items
-           if item.nodeid.startswith(f"{request.node.nodeid}::test_notebook_runs[")]
+  paths = selected_params(request, "test_notebook_runs", "path")
   env = {**os.environ, "DSMOE_NOTEBOOK_TEST": "1", "PYTHONPATH": str(ROOT)}
 
   async def execute(path):
