@@ -18,8 +18,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import jax  # noqa: E402  (after the cache variable)
 import pytest  # noqa: E402
 
-# Re-exported for imports not yet moved to tests.helpers.
-from tests.helpers import ROOT, SMALL, load_config, small_config  # noqa: E402,F401
+from tests.helpers import load_config  # noqa: E402
 
 # tests/multidevice needs 8 (fake CPU) devices, which must be set before jax
 # starts: tests/test_parallel.py runs it in a subprocess with DSMOE_MULTIDEVICE=1.
