@@ -106,6 +106,5 @@ def test_bench_kernels_runs_without_config_and_data_libraries(tmp_path):
   rows = json.loads((tmp_path / "k.json").read_text())["rows"]
   assert {(r["op"], r["impl"]) for r in rows if r["part"] == "kernel"} == {
       (op, impl) for op in ("fwd", "d_lhs", "d_rhs") for impl in ("pallas", "ragged_dot", "dense")}
-  assert len([r for r in rows if r["part"] == "permute"]) == 4
   assert len([r for r in rows if r["part"] == "layer"]) == 4
   assert all(np.isfinite(r["ms"]) for r in rows), rows
