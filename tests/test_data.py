@@ -85,6 +85,30 @@ def test_unchanged_dir_reused_changed_dir_rebuilt(tmp_path):
   assert "new.txt" in all_paths
 
 
+BUILD = """
+import sys
+from dsmoe.data.local_text import local_text_builder
+print(local_text_builder(sys.argv[1], sys.argv[2]).data_dir)
+"""
+
+
+def test_processes_building_one_dataset_at_once_all_get_it(tmp_path):
+  """Three processes find the same dataset unbuilt together (as the
+  processes of a multi-process run do): one builds it, all of them use it."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  texts = write_corpus(tmp_path / "text", n_files=600, words=(200, 400))
+  cmd = [sys.executable, "-c", BUILD, str(tmp_path / "text"), str(tmp_path / "c")]
+  procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for _ in range(3)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+  dirs = {out.strip().splitlines()[-1] for out, _ in outs}
+  built = local_text_builder(str(tmp_path / "text"), str(tmp_path / "c"))
+  assert dirs == {built.data_dir}
+  assert {**split_texts(built, "train"), **split_texts(built, "validation")} == texts
+
+
 def test_default_corpus_lists_stdlib_python_files():
   corpus = corpus_lib.list_corpus("")
   assert corpus.is_default and "os.py" in corpus.files

@@ -14,7 +14,11 @@ TFDS builds into a temporary ``incomplete.*`` folder and renames it when
 done, so an interrupted build leaves nothing that looks finished. After a
 build, ``dsmoe_files.json`` records the size of every file of the folder;
 each later open compares them, and a folder with a missing or resized file
-(or no record) is deleted and built again.
+(or no record) is deleted and built again. Processes on one host that find
+the same dataset unbuilt at once (the processes of a multi-process run, two
+runs started together) build it one at a time under a lock file
+(``<slug>_<fingerprint>.lock``, fcntl): the first builds, the others then
+find it built.
 
 Features: ``text`` (the file's UTF-8 text) and ``path`` (relative path).
 The validation split holds the files whose path hash falls in the first
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -153,11 +158,41 @@ def local_text_builder(text_dir: str, data_dir: str, *, file_glob: str = "",
       return LocalText(config=cfg, data_dir=data_dir, file_format="array_record")
 
   builder = make(corpus.files)
-  problem = cache_problem(builder.data_dir)
-  with _quiet_tfds():
-    prepared = builder.is_prepared()
-  if problem is None and prepared:
+  if _usable(builder):
     return builder
+  with _build_lock(os.path.dirname(builder.data_dir) + ".lock"):
+    builder = make(corpus.files)  # a builder reads the folder as it is when made
+    if _usable(builder):  # another process built it meanwhile
+      return builder
+    return _build(builder, corpus, make, name, validation_percent)
+
+
+def _usable(builder: LocalText) -> bool:
+  with _quiet_tfds():
+    return cache_problem(builder.data_dir) is None and builder.is_prepared()
+
+
+@contextlib.contextmanager
+def _build_lock(path: str):
+  """Holds an exclusive lock on the file `path` (created if needed); where
+  it cannot be created (a read-only data_dir), the build goes on without it
+  and reports its own error."""
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    f = open(path, "a")  # pylint: disable=consider-using-with
+  except OSError:
+    yield
+    return
+  with f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(builder, corpus, make, name, validation_percent) -> LocalText:
+  problem = cache_problem(builder.data_dir)
   if problem is not None:
     logging.warning("local_text: the cached dataset %s is damaged (%s); building it "
                     "again", builder.data_dir, problem)
