@@ -232,6 +232,31 @@ def generate(lm: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
   return Generated(rows, [bool(s) for s in stopped])
 
 
+def lower_generate(spec: ModelSpec, mesh, *, batch: int, prompt_len: int, max_new_tokens: int,
+                   sampling: Sampling = Sampling()):
+  """`generate`'s whole program (prefill and the decode loop) for `batch`
+  prompts of up to `prompt_len` tokens and `max_new_tokens` new ones, lowered
+  on `mesh` with nothing allocated: the parameters as ShapeDtypeStructs split
+  by the training sharding rules, everything else replicated. Compile the
+  result (``.compile()``) to see what a device needs to decode."""
+  from dsmoe.parallel import rules  # pylint: disable=g-import-not-at-top
+  graphdef, params, rest = CausalLM.skeleton(spec)
+  params = rules.with_shardings(params, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def arg(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+
+  rest = jax.tree.map(lambda s: arg(s.shape, s.dtype), rest)
+  p = _bucket(prompt_len)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  with jax.set_mesh(mesh):  # the expert-parallel MoE layers read the ambient mesh
+    return _generate.lower(
+        params, rest, arg((batch, p), jnp.int32), arg((batch,), jnp.int32), arg((), jnp.int32),
+        arg((MAX_STOP_TOKENS,), jnp.int32), arg((), jnp.int32), arg(key.shape, key.dtype),
+        graphdef=graphdef, cache_len=_bucket(p + max_new_tokens), sampling=sampling)
+
+
 @dataclasses.dataclass
 class TextModel:
   """A CausalLM with its tokenizer and default stop tokens (EOS)."""

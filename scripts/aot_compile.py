@@ -1,4 +1,5 @@
-"""Compile the real train step for a TPU slice or GPU hosts, without the hardware.
+"""Compile the real train step, or the decode step, for a TPU slice or GPU
+hosts, without the hardware.
 
     .venv-aot/bin/python scripts/aot_compile.py --config configs/paper_16b.py \
         --target tpu:v5p-256 --mesh fsdp=16,expert=8 --config.model.scan_layers=True \
@@ -14,7 +15,9 @@ chip, the compiled memory against the chip's HBM, the kernels (Pallas custom
 calls) and collectives, and XLA's cost-model figures (an estimate, and one
 that counts each loop body once). A plan that does not fit is one `error:`
 line with exit status 1 (after writing --json). --mesh sets config.mesh
-(axes not named are 1).
+(axes not named are 1). --step=decode compiles dsmoe.generate's program
+(prefill, then the decode loop over the KV cache) for --decode_batch
+prompts of up to --prompt_len tokens and --max_new_tokens new ones.
 """
 
 import json
@@ -31,6 +34,11 @@ flags.DEFINE_string("target", None, "What to compile for: tpu:v5p-256, tpu:v5e:2
                     "cuda:h100x8, ...")
 flags.DEFINE_string("mesh", None, "Mesh axes, e.g. 'fsdp=16,expert=8' (others 1); "
                     "default: the config's mesh.")
+flags.DEFINE_enum("step", "train", ["train", "decode"], "What to compile: the train step, "
+                  "or the decode step of dsmoe.generate (prefill and the decode loop).")
+flags.DEFINE_integer("decode_batch", 8, "--step=decode: prompts decoded together.")
+flags.DEFINE_integer("prompt_len", 128, "--step=decode: the longest prompt, in tokens.")
+flags.DEFINE_integer("max_new_tokens", 128, "--step=decode: new tokens per prompt.")
 flags.DEFINE_string("json", None, "Also write the plan to this JSON file.")
 flags.mark_flags_as_required(["config", "target"])
 FLAGS = flags.FLAGS
@@ -58,8 +66,10 @@ def report(plan: dict) -> None:
           f"{plan['mesh']}; the compiler refused it for device memory after "
           f"{plan['compile_s']} s: {plan['error']}")
     return
+  what = "train step" if plan["step"] == "train" else "decode step ({batch} prompts of up to " \
+      "{prompt_len} tokens, {max_new_tokens} new)".format(**plan["decode"])
   print(f"target {plan['target']}: {plan['devices']} x {plan['device_kind']}; mesh "
-        f"{plan['mesh']}; compiled in {plan['compile_s']} s")
+        f"{plan['mesh']}; {what} compiled in {plan['compile_s']} s")
   print(f"routed experts: {plan['plan']['grouped']}; token exchange: "
         f"{plan['plan']['ep_exchange']}")
   print("memory per chip (this compiler's memory_analysis):")
@@ -70,7 +80,7 @@ def report(plan: dict) -> None:
   print(f"kernels (custom calls): {kernels}")
   exact = "" if plan["collectives_exact"] else (
       " (this compiler's HLO has no loop trip counts: each loop body counted once)")
-  print(f"collectives per step, per chip{exact}:")
+  print(f"collectives per {'step' if plan['step'] == 'train' else 'call'}, per chip{exact}:")
   for op, row in sorted(plan["collectives"].items()):
     print(f"  {op:20s} {row['count']:6d} x  {_gib(row['bytes'])}")
   cost = plan["cost_estimate"]
@@ -82,17 +92,25 @@ def main(argv):
   del argv
   from dsmoe import aot  # pylint: disable=g-import-not-at-top
   mesh = mesh_sizes(FLAGS.mesh) if FLAGS.mesh else None
-  plan = aot.plan(FLAGS.config, FLAGS.target, mesh=mesh)
+  for name in ("decode_batch", "prompt_len", "max_new_tokens"):
+    if getattr(FLAGS, name) < 1:
+      raise ConfigError(f"--{name}={getattr(FLAGS, name)} must be at least 1")
+  decode = {"batch": FLAGS.decode_batch, "prompt_len": FLAGS.prompt_len,
+            "max_new_tokens": FLAGS.max_new_tokens}
+  plan = aot.plan(FLAGS.config, FLAGS.target, mesh=mesh, step=FLAGS.step, decode=decode)
   report(plan)
   if FLAGS.json:
     with open(FLAGS.json, "w", encoding="utf-8") as f:
       json.dump(plan, f, indent=1)
   if not plan["fits"]:
     bound = "" if plan["compiled"] else "at least "  # the compiler stopped at its first overrun
+    change = ("lower train.batch_size or raise train.grad_accum_steps, set "
+              "model.remat=full, or spread the model over more chips (--mesh fsdp=..., "
+              "expert=...)") if plan["step"] == "train" else (
+              "lower --decode_batch, --prompt_len or --max_new_tokens, use "
+              "model.dtype=bfloat16, or spread the model over more chips (--mesh ...)")
     cli.fail(f"the plan does not fit: peak {bound}{_gib(plan['memory']['peak'])} per chip > "
-             f"{_gib(plan['hbm_bytes'])} HBM of {plan['device_kind']}; lower "
-             "train.batch_size or raise train.grad_accum_steps, set model.remat=full, or "
-             "spread the model over more chips (--mesh fsdp=..., expert=...)")
+             f"{_gib(plan['hbm_bytes'])} HBM of {plan['device_kind']}; {change}")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,22 @@ def test_cached_decoding_equals_uncached_token_for_token(lm):
   assert len({t for row in out.tokens for t in row}) > 5
 
 
+def test_lowered_decode_program_is_the_one_generate_runs(lm):
+  """lower_generate (what scripts/aot_compile.py --step=decode compiles),
+  compiled here and run on real parameters, gives generate's tokens."""
+  from dsmoe.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+  compiled = gen.lower_generate(lm.spec, make_mesh(), batch=3, prompt_len=7,
+                                max_new_tokens=10).compile()
+  tokens = np.zeros((3, 16), np.int32)  # prompts padded to 16, as generate pads them
+  for row, prompt in zip(tokens, PROMPTS):
+    row[:len(prompt)] = prompt
+  stop = np.full((gen.MAX_STOP_TOKENS,), -1, np.int32)
+  out, end, _ = compiled(lm.params, lm.rest, tokens, np.array([3, 7, 1], np.int32),
+                         np.int32(10), stop, np.int32(2**31 - 1), jax.random.key(0))
+  want = gen.generate(lm, PROMPTS, max_new_tokens=10).tokens
+  assert [np.asarray(out)[i, len(p):int(end[i])].tolist() for i, p in enumerate(PROMPTS)] == want
+
+
 def test_each_row_continues_right_after_its_own_prompt(lm):
   """A short prompt batched with a long one decodes as it does alone, and the
   first decode step at position L (not the padded length) equals the full

@@ -1,7 +1,13 @@
-"""Compile the real train step for a TPU slice or GPU hosts, on a machine without them.
+"""Compile the real train step (or decode step) for a TPU slice or GPU hosts,
+on a machine without them.
 
     plan(config, "tpu:v5p-256", mesh={"fsdp": 16, "expert": 8}) -> dict
+    plan(config, "cuda:h100x1", step="decode", decode={"batch": 8, ...}) -> dict
     scripts/aot_compile.py --config configs/paper_16b.py --target tpu:v5p-256 --mesh fsdp=16,expert=8
+
+The decode step is `dsmoe.generate`'s one program (prefill, then the
+decode loop over the KV cache) with the parameters split by the training
+sharding rules and the prompts replicated.
 
 The config is resolved for the target's platform (dsmoe.resolve(...,
 platform=...)), so every "auto" choice (the routed experts' grouped matmul,
@@ -93,9 +99,20 @@ def _first_line(e: BaseException) -> str:
   return (str(e).strip().splitlines() or [type(e).__name__])[0][:500]
 
 
-def plan(config, target_name: str, mesh: dict[str, int] | None = None) -> dict:
-  """Compile `config`'s train step for `target_name` on `mesh` ({axis: size};
+STEPS = ("train", "decode")
+# The decode step's default shapes: 8 prompts of up to 128 tokens, 128 new tokens.
+DECODE = {"batch": 8, "prompt_len": 128, "max_new_tokens": 128}
+
+
+def plan(config, target_name: str, mesh: dict[str, int] | None = None, *, step: str = "train",
+         decode: dict[str, int] | None = None) -> dict:
+  """Compile `config`'s train step (step="train") or the program of
+  `dsmoe.generate` (step="decode": prefill and the decode loop, shapes
+  `decode`, default DECODE) for `target_name` on `mesh` ({axis: size};
   default: the config's mesh) and report it (module docstring)."""
+  from dsmoe.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  if step not in STEPS:
+    raise ConfigError(f"step={step!r} is not one of {list(STEPS)}")
   from dsmoe import config as config_lib  # pylint: disable=g-import-not-at-top
   from dsmoe.parallel import hlo  # pylint: disable=g-import-not-at-top
   from dsmoe.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
@@ -106,16 +123,24 @@ def plan(config, target_name: str, mesh: dict[str, int] | None = None) -> dict:
     config.mesh.update({"data": 1, "fsdp": 1, "expert": 1, **mesh})
   spec = config_lib.resolve(config, platform=tgt.platform)
   device_mesh = mesh_lib.make_mesh(spec.mesh, devices=tgt.devices)
+  shapes = {**DECODE, **(decode or {})} if step == "decode" else None
   start = time.perf_counter()
-  summary = {"target": target_name, "platform": tgt.platform, "devices": len(tgt.devices),
+  summary = {"target": target_name, "step": step, "platform": tgt.platform,
+             "devices": len(tgt.devices),
              "device_kind": getattr(tgt.devices[0], "device_kind", ""),
              "mesh": dict(device_mesh.shape),
              "plan": {"grouped": spec.model.moe.plan.grouped,
                       "ep_exchange": spec.model.moe.plan.ep_exchange},
              "hbm_bytes": tgt.hbm_bytes}
+  if shapes is not None:
+    summary["decode"] = shapes
   try:
     with kernel_context(tgt):
-      compiled = train_plan.compile_train_step(spec, device_mesh)
+      if step == "train":
+        compiled = train_plan.compile_train_step(spec, device_mesh)
+      else:
+        from dsmoe import generate  # pylint: disable=g-import-not-at-top
+        compiled = generate.lower_generate(spec.model, device_mesh, **shapes).compile()
   except Exception as e:  # noqa: BLE001 - the compiler's own "does not fit" is a plan
     peak = out_of_hbm(e)
     if peak is None:
@@ -140,5 +165,5 @@ def plan(config, target_name: str, mesh: dict[str, int] | None = None) -> dict:
   }
 
 
-__all__ = ["KERNEL_CALLS", "Target", "cost_of", "custom_calls", "kernel_context", "memory_of",
+__all__ = ["DECODE", "KERNEL_CALLS", "STEPS", "Target", "cost_of", "custom_calls", "kernel_context", "memory_of",
            "plan", "target"]

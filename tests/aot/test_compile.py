@@ -8,6 +8,9 @@ negative controls below show the check bites).
 """
 
 import functools
+import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +21,7 @@ import dsmoe
 from dsmoe import aot
 from pallas_kernels import gmm as gmm_lib
 from pallas_kernels.gmm import tiling as tiling_lib
+from tests.helpers import ROOT
 
 TPUS = ["tpu:v5e-4", "tpu:v5p-8"]  # two generations (Mosaic)
 GPUS = ["cuda:h100x1", "cuda:a100x1"]  # sm90 and sm80 (Triton)
@@ -145,6 +149,20 @@ def test_tiny_train_step_with_expert_parallelism_compiles(name, exchange):
   assert plan["collectives"].get(op, {}).get("count", 0) > 0, plan["collectives"]
 
 
+@pytest.mark.parametrize("name", ["tpu:v5e-1", "cuda:h100x1"])
+def test_tiny_decode_step_with_the_pallas_kernels_compiles(name):
+  """dsmoe.generate's program: the prefill and the decode loop's body each
+  run the MoE layer forward (3 gmm calls each)."""
+  decode = {"batch": 4, "prompt_len": 20, "max_new_tokens": 24}
+  plan = aot.plan(tiny(gmm_backend="pallas"), name, mesh={"data": 1}, step="decode",
+                  decode=decode)
+  assert plan["compiled"] and plan["fits"] and plan["step"] == "decode"
+  assert plan["decode"] == decode
+  assert sum(plan["kernels"].values()) == 6
+  params = dsmoe.count_params(tiny())["total"]
+  assert plan["memory"]["arguments"] >= 4 * params  # float32 parameters, replicated on 1 chip
+
+
 def test_auto_choices_follow_the_target_not_the_host():
   """Resolved for a TPU slice on this CPU host, "auto" is ragged_dot and
   ragged_all_to_all (what the pod runs), not the CPU loop and allgather."""
@@ -164,31 +182,51 @@ def test_a_tiling_for_one_platform_does_not_break_the_other():
     compile_for(GPUS[0], fn, *shapes)
 
 
-def run_script(*args):
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  from tests.helpers import ROOT  # pylint: disable=g-import-not-at-top
-  return subprocess.run([sys.executable, str(ROOT / "scripts" / "aot_compile.py"), *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=900)
+SMALL_PLAN = ["--config=configs/tiny.py", "--target=tpu:v5e-1", "--mesh=data=1",
+              "--config.model.num_layers=2", "--config.model.dtype=bfloat16"]
+SCRIPT_RUNS = {  # name: flags of scripts/aot_compile.py
+    "fits": SMALL_PLAN + ["--json={tmp}/plan.json"],
+    "too_big": SMALL_PLAN + ["--config.train.batch_size=4096", "--config.data.seq_len=1024"],
+    "bad_target": ["--config=configs/tiny.py", "--target=tpu:v9-8"],
+}
 
 
-def test_script_reports_a_plan_and_refuses_one_that_does_not_fit(tmp_path):
+@pytest.fixture(scope="module", autouse=True)
+def script_runs(request, tmp_path_factory):
+  """The script runs of the last test, started with the module so that their
+  compiles overlap the ones in this process: {name: (Popen, tmp folder)}."""
+  runs = {}
+  wanted = any(item.name == "test_script_reports_a_plan_and_refuses_one_that_does_not_fit"
+               for item in request.session.items)
+  for name, flags in SCRIPT_RUNS.items() if wanted else ():
+    tmp = tmp_path_factory.mktemp(name)
+    cmd = [sys.executable, str(ROOT / "scripts" / "aot_compile.py"),
+           *(f.format(tmp=tmp) for f in flags)]
+    runs[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True), tmp)
+  yield runs
+  for proc, _ in runs.values():
+    proc.kill()
+    proc.communicate()
+
+
+def finished(run):
+  proc, tmp = run
+  stdout, stderr = proc.communicate(timeout=900)
+  return proc.returncode, stdout, stderr, tmp
+
+
+def test_script_reports_a_plan_and_refuses_one_that_does_not_fit(script_runs):
   """The tool prints the TPU compiler's plan (and --json); a plan larger than
   the chip's HBM is one error line naming the peak and the HBM, exit 1."""
-  out = tmp_path / "plan.json"
-  small = ["--config=configs/tiny.py", "--target=tpu:v5e-1", "--mesh=data=1",
-           "--config.model.num_layers=2", "--config.model.dtype=bfloat16", f"--json={out}"]
-  res = run_script(*small)
-  assert res.returncode == 0, res.stderr[-3000:]
-  assert "memory per chip" in res.stdout and "fits" in res.stdout
-  import json  # pylint: disable=g-import-not-at-top
-  plan = json.loads(out.read_text())
+  rc, stdout, stderr, tmp = finished(script_runs["fits"])
+  assert rc == 0, stderr[-3000:]
+  assert "memory per chip" in stdout and "fits" in stdout
+  plan = json.loads((tmp / "plan.json").read_text())
   assert plan["fits"] and plan["target"] == "tpu:v5e-1" and plan["memory"]["peak"] > 0
-  big = small[:-1] + ["--config.train.batch_size=4096", "--config.data.seq_len=1024"]
-  res = run_script(*big)
-  assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
-  last = res.stderr.strip().splitlines()[-1]
+  rc, stdout, stderr, _ = finished(script_runs["too_big"])
+  assert rc == 1, stdout[-2000:] + stderr[-2000:]
+  last = stderr.strip().splitlines()[-1]
   assert last.startswith("error: the plan does not fit: peak ") and "HBM of TPU v5 lite" in last
-  res = run_script("--config=configs/tiny.py", "--target=tpu:v9-8")
-  assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith(
-      "error: target 'tpu:v9-8'")
+  rc, _, stderr, _ = finished(script_runs["bad_target"])
+  assert rc == 1 and stderr.strip().splitlines()[-1].startswith("error: target 'tpu:v9-8'")
