@@ -14,6 +14,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache_dir = tempfile.mkdtemp(prefix="dsmoe-test-xla-cache-")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
   atexit.register(shutil.rmtree, _cache_dir, True)
+# Every program goes into that cache, not only those that took over a second
+# to compile: tests build the same small programs again from new closures (the
+# same reference, the same small model), which jit's in-memory cache misses.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# The programs the tests compile are small and most run a few times: LLVM's
+# optimisation passes would cost more compile time than they save (the suite
+# runs about a tenth faster without them). The same XLA operations run, so
+# what the tests check does not change; training outside the tests keeps
+# the default. The TPU and GPU compile checks (tests/aot) run without it.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if not os.environ.get("DSMOE_AOT") and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import jax  # noqa: E402  (after the cache variable)
 import pytest  # noqa: E402
@@ -41,3 +53,41 @@ def full_precision_matmuls():
   ``pytestmark = pytest.mark.usefixtures("full_precision_matmuls")``."""
   with jax.default_matmul_precision("highest"):
     yield
+
+
+# Subprocess suites (the 8-device suite, the TPU/GPU compile checks) start
+# as soon as the tests are collected and run beside the tests in this
+# process, which leave a core idle for about a third of the time; their
+# test waits for the result. A test opts in with
+# ``@pytest.mark.early(start=fn)``: `fn()` returns a helpers.EarlyRun.
+_EARLY: dict = {}
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "early(start): start=fn starts this test's subprocess "
+                          "when the session starts (tests/conftest.py)")
+
+
+def pytest_collection_finish(session):
+  if session.config.option.collectonly:
+    return
+  for item in session.items:
+    marker = item.get_closest_marker("early")
+    skipped = any(m.args and m.args[0] for m in item.iter_markers("skipif"))
+    if marker is not None and not skipped:
+      _EARLY[item.nodeid] = marker.kwargs["start"]()
+
+
+@pytest.fixture
+def early_run(request):
+  """The helpers.EarlyRun this test's ``early`` marker started (or starts now)."""
+  run = _EARLY.pop(request.node.nodeid, None)
+  if run is None:
+    run = request.node.get_closest_marker("early").kwargs["start"]()
+  yield run
+  run.kill()
+
+
+def pytest_sessionfinish(session):
+  for run in _EARLY.values():  # selected but not run (-x, a failure before them)
+    run.kill()

@@ -8,7 +8,10 @@ would be ambiguous there).
 import json
 import os
 import pathlib
+import shutil
+import subprocess
 import sys
+import tempfile
 
 import numpy as np
 
@@ -116,10 +119,43 @@ def script_env(devices=None, **extra):
   DSMOE_DEBUG (which would add tracebacks); `devices` fake CPU devices."""
   env = {k: v for k, v in os.environ.items() if k != "DSMOE_DEBUG"}
   env.update({"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"})
-  if devices is not None:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  if devices is not None:  # beside the suite's own flags (conftest.py)
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
   env.update(extra)
   return env
+
+
+class EarlyRun:
+  """A command started now, its output going to files, for a test that waits
+  for it later (the ``early`` marker, tests/conftest.py)."""
+
+  def __init__(self, cmd, **popen):
+    self.folder = pathlib.Path(tempfile.mkdtemp(prefix="dsmoe-early-"))
+    self._out = open(self.folder / "stdout", "w+")  # pylint: disable=consider-using-with
+    self._err = open(self.folder / "stderr", "w+")  # pylint: disable=consider-using-with
+    self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=self._err, text=True, **popen)
+
+  def result(self, timeout) -> subprocess.CompletedProcess:
+    """Waits for the command (killing it after `timeout` s) and returns it."""
+    try:
+      self.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.kill()
+      raise
+    return subprocess.CompletedProcess(self.proc.args, self.proc.returncode,
+                                       (self.folder / "stdout").read_text(),
+                                       (self.folder / "stderr").read_text())
+
+  def kill(self):
+    """Stops the command if it still runs and removes its output files."""
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
+    self._out.close()
+    self._err.close()
+    shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- data

@@ -6,6 +6,7 @@ gradients whenever nothing is dropped; for capacity, the set of kept
 with the dropped pairs' gates set to zero.
 """
 
+import functools
 import math
 
 import jax
@@ -94,12 +95,19 @@ def assert_same(a, b, rtol=2e-4, atol=2e-5):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
 
 
+@functools.cache
+def dense_case(t, e, k, mode):
+  """A case's inputs and the dense reference's output and gradients, computed
+  once per case for all the paths compared with it."""
+  case = make_case(t + e, t, e, k, mode=mode)
+  return case, value_and_grads(dense.dispatch, *case)
+
+
 @pytest.mark.parametrize("impl,grouped_impl,block", PATHS, ids=["-".join(map(str, p)) for p in PATHS])
 @pytest.mark.parametrize("t,e,k,mode", [(13, 6, 2, "random"), (24, 12, 3, "few_experts"),
                                         (17, 8, 3, "one_expert"), (5, 4, 1, "random")])
 def test_matches_dense_when_nothing_dropped(impl, grouped_impl, block, t, e, k, mode):
-  x, idx, weight, experts = make_case(t + e, t, e, k, mode=mode)
-  ref, ref_grads = value_and_grads(dense.dispatch, x, idx, weight, experts)
+  (x, idx, weight, experts), (ref, ref_grads) = dense_case(t, e, k, mode)
   fn = path_fn(impl, grouped_impl, factor=float(e), block_size=block)  # capacity: C >= T
   res, grads = value_and_grads(fn, x, idx, weight, experts)
   assert float(res.dropped_fraction) == 0.0

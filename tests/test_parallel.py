@@ -15,7 +15,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tests.helpers import ROOT, script_env
+from tests.helpers import ROOT, EarlyRun, script_env
 from dsmoe.parallel import hlo, rules
 from dsmoe.parallel.mesh import axis_sizes
 
@@ -106,13 +106,18 @@ def test_hlo_collectives_with_loop_counts_bytes_and_groups():
   assert hlo.summary(list(got.values()))["all-gather"] == {"count": 27, "bytes": 27 * 512}
 
 
+def start_multidevice_suite():
+  return EarlyRun([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                   str(ROOT / "tests" / "multidevice")], cwd=ROOT,
+                  env=script_env(8, DSMOE_MULTIDEVICE="1"))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["test_expert_parallel.py", "test_sharded_training.py"])
-def test_multidevice_suite(name):
-  """tests/multidevice/<name> in a process with 8 fake CPU devices."""
-  res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        str(ROOT / "tests" / "multidevice" / name)], cwd=ROOT, env=script_env(8, DSMOE_MULTIDEVICE="1"),
-                       capture_output=True, text=True, timeout=1500)
+@pytest.mark.early(start=start_multidevice_suite)
+def test_multidevice_suite(early_run):
+  """tests/multidevice in one process with 8 fake CPU devices (started with
+  the session: the ``early`` marker, tests/conftest.py)."""
+  res = early_run.result(timeout=1500)
   print(res.stdout[-3000:])
   assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
 
