@@ -58,7 +58,7 @@ def full_precision_matmuls():
 # Subprocess suites (the 8-device suite, the TPU/GPU compile checks) start
 # as soon as the tests are collected and run beside the tests in this
 # process, which leave a core idle for about a third of the time; their
-# test waits for the result. A test opts in with
+# test, run last, waits for the result. A test opts in with
 # ``@pytest.mark.early(start=fn)``: `fn()` returns a helpers.EarlyRun.
 _EARLY: dict = {}
 
@@ -66,6 +66,12 @@ _EARLY: dict = {}
 def pytest_configure(config):
   config.addinivalue_line("markers", "early(start): start=fn starts this test's subprocess "
                           "when the session starts (tests/conftest.py)")
+
+
+def pytest_collection_modifyitems(items):
+  """The tests that wait for an early subprocess run last, so it overlaps
+  the whole rest of the session (a stable sort: the rest keeps its order)."""
+  items.sort(key=lambda item: item.get_closest_marker("early") is not None)
 
 
 def pytest_collection_finish(session):
