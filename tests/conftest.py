@@ -19,8 +19,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # same reference, the same small model), which jit's in-memory cache misses.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # The programs the tests compile are small and most run a few times: LLVM's
-# optimisation passes would cost more compile time than they save (the suite
-# runs about a tenth faster without them). The same XLA operations run, so
+# optimisation passes would cost more compile time than they save (`pytest -q
+# tests` on 2 idle cores: 1109 s with them, 1019 s without). The same XLA operations run, so
 # what the tests check does not change; training outside the tests keeps
 # the default. The TPU and GPU compile checks (tests/aot) run without it.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"

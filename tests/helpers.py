@@ -165,6 +165,20 @@ WORDS = ("alpha", "beta", "gamma", "délta", "ε", "zeta\tz", "日本", "x", "  
 ASCII_WORDS = ("alpha", "beta", "gamma", "the", "cat", "sat", "on", "mat", "x", "y\n")
 
 
+def text_config(tmp_path, text_dir, **data):
+  """A base config reading the text files of `text_dir` (cache in
+  tmp_path/cache) with the byte tokenizer, 32-token rows of batch 4, a
+  quarter of the files for validation; `data` sets other ``data`` keys."""
+  c = config_lib.base_config()
+  c.model.vocab_size = 256
+  c.data.update(dict(text_dir=str(text_dir), data_dir=str(tmp_path / "cache"),
+                     tokenizer="bytes", seq_len=32, validation_percent=25.0))
+  c.data.update(data)
+  c.train.batch_size = 4
+  c.train.seed = 3
+  return c
+
+
 def write_corpus(folder, n_files=24, seed=0, words=(5, 80), vocab=WORDS):
   """`n_files` .txt files (in three subfolders) of `words` (low, high) random
   words of `vocab` (by default some non-ASCII), each ending "end<i>\\n";

@@ -1,4 +1,5 @@
-"""dsmoe.data: local_text split, tokenizers, packing, resumable loader, errors.
+"""dsmoe.data: local_text split, packing, resumable loader, errors (tokenizers:
+tests/test_tokenizer.py).
 
 Corpora are small folders written in tmp_path; oracles are computed here from
 the files themselves (with the byte tokenizer a document is its UTF-8 bytes,
@@ -18,25 +19,13 @@ import pytest
 import tensorflow_datasets as tfds
 
 from dsmoe.config import base_config, validate_data
-from dsmoe.data import make_loader, make_tokenizer
+from dsmoe.data import make_loader
 from dsmoe.data import corpus as corpus_lib
 from dsmoe.data import packing
-from dsmoe.data import tokenizer as tok_lib
 from dsmoe.data.local_text import local_text_builder
-from tests.helpers import write_corpus
+from tests.helpers import text_config, write_corpus
 
 EOS = 255  # byte tokenizer
-
-
-def make_config(tmp_path, text_dir, **data):
-  c = base_config()
-  c.model.vocab_size = 256
-  c.data.update(dict(text_dir=str(text_dir), data_dir=str(tmp_path / "cache"),
-                     tokenizer="bytes", seq_len=32, validation_percent=25.0))
-  c.data.update(data)
-  c.train.batch_size = 4
-  c.train.seed = 3
-  return c
 
 
 def split_texts(builder, split):
@@ -174,106 +163,6 @@ def test_a_folder_of_c_headers_is_a_corpus(tmp_path, caplog):
   assert set(split_texts(only_h, "train")) == {"a.h", "sys/b.h"}
 
 
-# ---------------------------------------------------------------- tokenizers
-
-TEXT = "def f(x):\n\treturn  x * 2  # dé日本 🙂\n\n    spaces   kept\n"
-
-
-def test_bytes_tokenizer_round_trip():
-  tok = tok_lib.ByteTokenizer()
-  ids = tok.encode(TEXT)
-  assert ids.dtype == np.int32 and list(ids) == list(TEXT.encode("utf-8"))
-  assert tok.decode(ids) == TEXT
-  assert tok.eos_id not in ids and tok.bos_id not in ids
-
-
-def test_sentencepiece_round_trip_small_vocab(tmp_path):
-  texts = write_corpus(tmp_path / "text", n_files=40, words=(50, 200))
-  tok = tok_lib.train_sentencepiece(list(texts.values()), 320, sample_bytes=10**6)
-  assert tok.vocab_size == 320 and (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
-  for text in [TEXT, *list(texts.values())[:5]]:
-    ids = tok.encode(text)
-    assert ids.max() < 320 and tok.decode(ids) == text
-  assert len(tok.encode(texts["d0/f000.txt"])) < len(texts["d0/f000.txt"].encode())
-
-
-def test_sentencepiece_cached_and_reused(tmp_path, monkeypatch):
-  write_corpus(tmp_path / "text", n_files=40, words=(50, 200))
-  c = make_config(tmp_path, tmp_path / "text", tokenizer="sentencepiece", vocab_size=320)
-  c.model.vocab_size = 320
-  first = make_tokenizer(c)
-  models = [f for _, _, fs in os.walk(tmp_path / "cache") for f in fs if f.endswith(".model")]
-  assert len(models) == 1 and not [f for f in models if f.startswith(".tmp")]
-
-  def no_training(*a, **k):
-    raise AssertionError("the cached tokenizer should be reused")
-  monkeypatch.setattr(tok_lib, "train_sentencepiece", no_training)
-  again = make_tokenizer(c)
-  assert again.model_proto == first.model_proto
-
-
-def test_one_long_line_trains_the_tokenizer(tmp_path):
-  """A file of one 350 KB line: SentencePiece reads lines of at most 4 KB,
-  so the line is split into pieces rather than cut to its first 4 KB (which
-  holds too few merges for 4096 pieces)."""
-  rng = np.random.default_rng(0)
-  words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 9)))
-           for _ in range(3000)]
-  line = " ".join(rng.choice(words, 60000))
-  tok = tok_lib.train_sentencepiece([line], 4096)
-  assert tok.vocab_size == 4096 and tok.decode(tok.encode(line[:5000])) == line[:5000]
-  with pytest.raises(ValueError, match=r"could not train 4096 pieces .*\(1 lines, 4097 "
-                     r"bytes of text\).*data.vocab_size"):
-    tok_lib.train_sentencepiece([line[:4096]], 4096)  # what the first 4 KB gives
-
-
-def test_too_little_text_for_the_vocabulary_says_how_much_there_was():
-  with pytest.raises(ValueError, match=r"data.vocab_size=1024: .*\(3 lines, 45 bytes of "
-                     r"text\).*Vocabulary size too high"):
-    tok_lib.train_sentencepiece(["tiny text here\n" * 3], 1024)
-
-
-def test_damaged_cached_tokenizer_is_trained_again(tmp_path, caplog):
-  write_corpus(tmp_path / "text", n_files=40, words=(50, 200))
-  c = make_config(tmp_path, tmp_path / "text", tokenizer="sentencepiece", vocab_size=320)
-  c.model.vocab_size = 320
-  first = make_tokenizer(c)
-  [path] = [os.path.join(p, f) for p, _, fs in os.walk(tmp_path / "cache") for f in fs
-            if f.endswith(".model")]
-  open(path, "wb").close()  # emptied (a full disk, a crash)
-  with caplog.at_level(logging.WARNING):
-    again = make_tokenizer(c)
-  assert "cached tokenizer is damaged" in caplog.text and "is empty" in caplog.text
-  assert "vocab_size=0" not in caplog.text
-  assert again.model_proto == first.model_proto and os.path.getsize(path) > 0
-
-
-def test_empty_tokenizer_file_is_named_as_such(tmp_path):
-  (tmp_path / "spm.model").write_bytes(b"")
-  with pytest.raises(ValueError, match=r"data.tokenizer_path: .*spm.model' is empty, not a "
-                     r"SentencePiece model"):
-    tok_lib.load_sentencepiece(str(tmp_path / "spm.model"), 320)
-
-
-def test_tokenizer_file_with_other_vocab_size_is_refused(tmp_path):
-  texts = write_corpus(tmp_path / "text", n_files=40, words=(50, 200))
-  path = tmp_path / "spm.model"
-  path.write_bytes(tok_lib.train_sentencepiece(list(texts.values()), 320).model_proto)
-  c = make_config(tmp_path, tmp_path / "text", tokenizer="sentencepiece",
-                  vocab_size=400, tokenizer_path=str(path))
-  c.model.vocab_size = 400
-  with pytest.raises(ValueError, match=r"spm.model.*320 pieces.*data.vocab_size=400"):
-    make_tokenizer(c)
-
-
-def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path):
-  write_corpus(tmp_path / "text")
-  c = make_config(tmp_path, tmp_path / "text")
-  c.model.vocab_size = 200
-  with pytest.raises(ValueError, match=r"model.vocab_size=200.*256"):
-    make_loader(c, process_index=0, process_count=1)
-
-
 # ---------------------------------------------------------------- packing
 
 def test_pack_iter_dataset_rows_hold_the_concatenated_documents():
@@ -302,7 +191,7 @@ def test_pack_iter_dataset_rows_hold_the_concatenated_documents():
 
 def test_loader_batches_hold_exactly_the_documents(tmp_path):
   texts = write_corpus(tmp_path / "text")
-  c = make_config(tmp_path, tmp_path / "text")
+  c = text_config(tmp_path, tmp_path / "text")
   builder = local_text_builder(str(tmp_path / "text"), c.data.data_dir, validation_percent=25)
   train = sorted(split_texts(builder, "train").values())
   it = iter(make_loader(c, process_index=0, process_count=1))
@@ -332,7 +221,7 @@ def test_loader_batches_hold_exactly_the_documents(tmp_path):
 @pytest.mark.parametrize("prefetch_batches", [0, 2])
 def test_restore_gives_identical_following_batches(tmp_path, prefetch_batches):
   write_corpus(tmp_path / "text")
-  c = make_config(tmp_path, tmp_path / "text", prefetch_batches=prefetch_batches)
+  c = text_config(tmp_path, tmp_path / "text", prefetch_batches=prefetch_batches)
   it = iter(make_loader(c, process_index=0, process_count=1))
   take(it, 37)  # past the first epoch (about 30 batches)
   state = json.loads(json.dumps(it.get_state()))
@@ -348,7 +237,7 @@ def test_restore_gives_identical_following_batches(tmp_path, prefetch_batches):
 
 def test_two_processes_read_disjoint_covering_shards(tmp_path):
   write_corpus(tmp_path / "text")
-  c = make_config(tmp_path, tmp_path / "text")
+  c = text_config(tmp_path, tmp_path / "text")
   builder = local_text_builder(str(tmp_path / "text"), c.data.data_dir, validation_percent=25)
   train = set(split_texts(builder, "train").values())
   seen = []
@@ -399,7 +288,7 @@ def _broken_link_only(root):
 ], ids=["missing_directory", "empty_directory", "only_binary", "no_file_matches",
         "only_a_broken_link"])
 def test_bad_text_dir(tmp_path, make_dir, glob, error, pattern):
-  c = make_config(tmp_path, make_dir(tmp_path), file_glob=glob)
+  c = text_config(tmp_path, make_dir(tmp_path), file_glob=glob)
   with pytest.raises(error, match=pattern):
     make_loader(c, process_index=0, process_count=1)
   assert_nothing_built(tmp_path / "cache")
@@ -420,7 +309,7 @@ def test_only_binary_files(tmp_path):
   (tmp_path / "text").mkdir()
   (tmp_path / "text" / "a.txt").write_bytes(b"\x00\x01binary")
   (tmp_path / "text" / "b.txt").write_bytes(b"\xff\xfe\xfd not utf-8")
-  c = make_config(tmp_path, tmp_path / "text")
+  c = text_config(tmp_path, tmp_path / "text")
   with pytest.raises(ValueError, match=r"all 2 files.*skipped.*not UTF-8"):
     make_loader(c, process_index=0, process_count=1)
   assert_nothing_built(tmp_path / "cache")
@@ -430,7 +319,7 @@ def test_corpus_shorter_than_one_sequence(tmp_path):
   (tmp_path / "text").mkdir()
   for i in range(3):
     (tmp_path / "text" / f"{i}.txt").write_text("tiny", encoding="utf-8")
-  c = make_config(tmp_path, tmp_path / "text", validation_percent=0.0, seq_len=64)
+  c = text_config(tmp_path, tmp_path / "text", validation_percent=0.0, seq_len=64)
   with pytest.raises(ValueError, match=r"shorter than one sequence.*15 tokens.*seq_len=64"):
     make_loader(c, process_index=0, process_count=1)
 
@@ -440,7 +329,7 @@ def test_named_dataset_not_prepared_says_how_without_downloading(tmp_path, monke
     raise AssertionError("must not touch the network")
   monkeypatch.setattr(socket.socket, "connect", no_network)
   monkeypatch.setattr(socket, "create_connection", no_network)
-  c = make_config(tmp_path, "", tfds_name="tiny_shakespeare")
+  c = text_config(tmp_path, "", tfds_name="tiny_shakespeare")
   with pytest.raises(FileNotFoundError) as err:
     make_loader(c, process_index=0, process_count=1)
   msg = str(err.value)
@@ -451,7 +340,7 @@ def test_named_dataset_not_prepared_says_how_without_downloading(tmp_path, monke
 
 
 def test_unknown_named_dataset(tmp_path):
-  c = make_config(tmp_path, "", tfds_name="no_such_dataset_xyz")
+  c = text_config(tmp_path, "", tfds_name="no_such_dataset_xyz")
   with pytest.raises(ValueError, match=r"data.tfds_name='no_such_dataset_xyz'"):
     make_loader(c, process_index=0, process_count=1)
 
@@ -491,7 +380,7 @@ class DsmoeTestLines(tfds.core.GeneratorBasedBuilder):
 def test_prepared_named_dataset_is_read(tmp_path):
   data_dir = str(tmp_path / "cache")
   DsmoeTestLines(data_dir=data_dir, file_format="array_record").download_and_prepare()
-  c = make_config(tmp_path, "", tfds_name="dsmoe_test_lines", text_key="sentence")
+  c = text_config(tmp_path, "", tfds_name="dsmoe_test_lines", text_key="sentence")
   for split, ids in (("train", range(0, 40)), ("validation", range(40, 50))):  # test
     batches = take(iter(make_loader(c, split, process_index=0, process_count=1)), 30)
     docs = set(stream_documents([r for b in batches for r in b["inputs"]]))

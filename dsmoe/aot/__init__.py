@@ -165,5 +165,5 @@ def plan(config, target_name: str, mesh: dict[str, int] | None = None, *, step: 
   }
 
 
-__all__ = ["DECODE", "KERNEL_CALLS", "STEPS", "Target", "cost_of", "custom_calls", "kernel_context", "memory_of",
-           "plan", "target"]
+__all__ = ["DECODE", "KERNEL_CALLS", "STEPS", "Target", "cost_of", "custom_calls",
+           "kernel_context", "memory_of", "plan", "target"]

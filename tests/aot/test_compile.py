@@ -9,7 +9,6 @@ negative controls below show the check bites).
 
 import functools
 import json
-import subprocess
 import sys
 
 import jax
@@ -21,7 +20,7 @@ import dsmoe
 from dsmoe import aot
 from pallas_kernels import gmm as gmm_lib
 from pallas_kernels.gmm import tiling as tiling_lib
-from tests.helpers import ROOT
+from tests.helpers import ROOT, EarlyRun
 
 TPUS = ["tpu:v5e-4", "tpu:v5p-8"]  # two generations (Mosaic)
 GPUS = ["cuda:h100x1", "cuda:a100x1"]  # sm90 and sm80 (Triton)
@@ -194,26 +193,24 @@ SCRIPT_RUNS = {  # name: flags of scripts/aot_compile.py
 @pytest.fixture(scope="module", autouse=True)
 def script_runs(request, tmp_path_factory):
   """The script runs of the last test, started with the module so that their
-  compiles overlap the ones in this process: {name: (Popen, tmp folder)}."""
-  runs = {}
+  compiles overlap the ones in this process: {name: (EarlyRun, tmp folder)}."""
   wanted = any(item.name == "test_script_reports_a_plan_and_refuses_one_that_does_not_fit"
                for item in request.session.items)
+  runs = {}
   for name, flags in SCRIPT_RUNS.items() if wanted else ():
     tmp = tmp_path_factory.mktemp(name)
     cmd = [sys.executable, str(ROOT / "scripts" / "aot_compile.py"),
            *(f.format(tmp=tmp) for f in flags)]
-    runs[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True), tmp)
+    runs[name] = (EarlyRun(cmd, cwd=ROOT), tmp)
   yield runs
-  for proc, _ in runs.values():
-    proc.kill()
-    proc.communicate()
+  for run, _ in runs.values():
+    run.kill()
 
 
 def finished(run):
-  proc, tmp = run
-  stdout, stderr = proc.communicate(timeout=900)
-  return proc.returncode, stdout, stderr, tmp
+  early, tmp = run
+  res = early.result(timeout=900)
+  return res.returncode, res.stdout, res.stderr, tmp
 
 
 def test_script_reports_a_plan_and_refuses_one_that_does_not_fit(script_runs):
