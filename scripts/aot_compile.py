@@ -8,8 +8,11 @@ hosts, without the hardware.
 
 Targets (dsmoe/aot/targets.py): tpu:<generation>-<size> (Cloud TPU slice
 names: v4-8, v5p-256, v5e-8, v6e-64, ...) or tpu:<generation>:<topology>,
-and cuda:<h100|h200|a100>x<count> (hosts of 8). Runs in the AOT environment
-(`make aot-env`: libtpu and the CUDA plugin). The config is resolved for the
+and cuda:<h100|h200|a100>x<count> (hosts of 8), which need the AOT
+environment (`make aot-env`: libtpu and the CUDA plugin); and cpu: this
+process gets data x fsdp x expert fake CPU devices (an axis of -1 counts as
+1) and XLA:CPU compiles the step (any environment; its memory is not the
+accelerator's, and no HBM is checked). The config is resolved for the
 target's platform, so "auto" settings are what the target runs. Prints, per
 chip, the compiled memory against the chip's HBM, the kernels (Pallas custom
 calls) and collectives, and XLA's cost-model figures (an estimate, and one
@@ -21,6 +24,7 @@ prompts of up to --prompt_len tokens and --max_new_tokens new ones.
 """
 
 import json
+import os
 
 from absl import flags
 from ml_collections import config_flags
@@ -39,7 +43,11 @@ flags.DEFINE_enum("step", "train", ["train", "decode"], "What to compile: the tr
 flags.DEFINE_integer("decode_batch", 8, "--step=decode: prompts decoded together.")
 flags.DEFINE_integer("prompt_len", 128, "--step=decode: the longest prompt, in tokens.")
 flags.DEFINE_integer("max_new_tokens", 128, "--step=decode: new tokens per prompt.")
+flags.DEFINE_boolean("estimate", True, "Also estimate the train step's time and MFU from "
+                     "the compiler's cost model (four more small compiles; "
+                     "dsmoe/aot/estimate.py).")
 flags.DEFINE_string("json", None, "Also write the plan to this JSON file.")
+flags.DEFINE_integer("top", 8, "Also print the N collectives with the most bytes per step.")
 flags.mark_flags_as_required(["config", "target"])
 FLAGS = flags.FLAGS
 AXES = ("data", "fsdp", "expert")
@@ -60,7 +68,7 @@ def _gib(n: float) -> str:
   return f"{n / 2**30:.2f} GiB"
 
 
-def report(plan: dict) -> None:
+def report(plan: dict, top: int = 0) -> None:
   if not plan["compiled"]:
     print(f"target {plan['target']}: {plan['devices']} x {plan['device_kind']}; mesh "
           f"{plan['mesh']}; the compiler refused it for device memory after "
@@ -75,7 +83,14 @@ def report(plan: dict) -> None:
   print("memory per chip (this compiler's memory_analysis):")
   for k, v in plan["memory"].items():
     print(f"  {k:12s} {_gib(v)}")
-  print(f"  HBM          {_gib(plan['hbm_bytes'])}: {'fits' if plan['fits'] else 'DOES NOT FIT'}")
+  if plan["fits"] is None:
+    print("  HBM          unknown for this target (nothing checked)")
+  else:
+    print(f"  HBM          {_gib(plan['hbm_bytes'])}: "
+          f"{'fits' if plan['fits'] else 'DOES NOT FIT'}")
+  if "state" in plan:
+    print("  of the arguments, state per chip (sharding rules): " + ", ".join(
+        f"{k} {_gib(v)}" for k, v in plan["state"].items()))
   kernels = ", ".join(f"{k} x{v}" for k, v in plan["kernels"].items()) or "none (XLA ops only)"
   print(f"kernels (custom calls): {kernels}")
   exact = "" if plan["collectives_exact"] else (
@@ -83,26 +98,60 @@ def report(plan: dict) -> None:
   print(f"collectives per {'step' if plan['step'] == 'train' else 'call'}, per chip{exact}:")
   for op, row in sorted(plan["collectives"].items()):
     print(f"  {op:20s} {row['count']:6d} x  {_gib(row['bytes'])}")
+  if top and plan["largest_collectives"]:
+    print("largest (bytes per execution x executions; devices; where):")
+    for c in plan["largest_collectives"][:top]:
+      where = c["source"].split("/")[-1][:40] if c["source"] else ""
+      print(f"  {c['op']:18s} {c['shape'][:44]:44s} {c['bytes'] / 2**20:9.1f} MiB x "
+            f"{c['count']:4d}; {c['group_size']} devices; {where}")
   cost = plan["cost_estimate"]
-  print("XLA cost model (an estimate; loop bodies counted once): " + ", ".join(
+  print("XLA cost model of this program (loop bodies counted once): " + ", ".join(
       f"{k} {v:.3g}" for k, v in cost.items()))
+  est = plan["estimate"]
+  if plan["estimated_step_s"] is None:
+    print(f"estimated step time: none ({est.get('why_not', '')})")
+    return
+  print(f"estimated from loop-free probes (dsmoe/aot/estimate.py; {est['probe_compile_s']} s), "
+        f"per chip per step: {est['flops']:.3g} flops, {est['bytes']:.3g} bytes "
+        f"(the model's own training FLOPs: {est['model_flops']:.3g})")
+  print(f"estimated step time {plan['estimated_step_s']:.4g} s, MFU "
+        f"{100 * plan['estimated_mfu']:.1f}% (an estimate: the compute/HBM roofline, "
+        "collectives left out; a lower bound on the time, no measurement)")
+
+
+def fake_cpu_devices(mesh: dict | None, config) -> dict:
+  """The mesh of the cpu target ({axis: size}; --mesh, else the config's
+  with -1 as 1), after giving this process one fake CPU device per mesh
+  position (before jax starts its CPU backend, which reads the count once)."""
+  if mesh:
+    sizes = {k: mesh.get(k, 1) for k in AXES}
+  else:
+    sizes = {k: max(config.mesh[k], 1) for k in AXES}
+  n = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                             f"--xla_force_host_platform_device_count={n}").strip()
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  return sizes
 
 
 def main(argv):
   del argv
-  from dsmoe import aot  # pylint: disable=g-import-not-at-top
   mesh = mesh_sizes(FLAGS.mesh) if FLAGS.mesh else None
+  if FLAGS.target == "cpu":
+    mesh = fake_cpu_devices(mesh, FLAGS.config)
+  from dsmoe import aot  # pylint: disable=g-import-not-at-top
   for name in ("decode_batch", "prompt_len", "max_new_tokens"):
     if getattr(FLAGS, name) < 1:
       raise ConfigError(f"--{name}={getattr(FLAGS, name)} must be at least 1")
   decode = {"batch": FLAGS.decode_batch, "prompt_len": FLAGS.prompt_len,
             "max_new_tokens": FLAGS.max_new_tokens}
-  plan = aot.plan(FLAGS.config, FLAGS.target, mesh=mesh, step=FLAGS.step, decode=decode)
-  report(plan)
+  plan = aot.plan(FLAGS.config, FLAGS.target, mesh=mesh, step=FLAGS.step, decode=decode,
+                   estimate=FLAGS.estimate)
+  report(plan, FLAGS.top)
   if FLAGS.json:
     with open(FLAGS.json, "w", encoding="utf-8") as f:
       json.dump(plan, f, indent=1)
-  if not plan["fits"]:
+  if plan["fits"] is False:
     bound = "" if plan["compiled"] else "at least "  # the compiler stopped at its first overrun
     change = ("lower train.batch_size or raise train.grad_accum_steps, set "
               "model.remat=full, or spread the model over more chips (--mesh fsdp=..., "

@@ -1,6 +1,6 @@
 """dsmoe.parallel in this (one-device) process: sharding rules, mesh sizes, the
 HLO collective reader; and the 8-device suite (tests/multidevice) and
-scripts/plan_memory.py in subprocesses with fake CPU devices."""
+scripts/aot_compile.py --target=cpu in subprocesses with fake CPU devices."""
 
 import json
 import os
@@ -123,34 +123,39 @@ def test_multidevice_suite(early_run):
 
 
 @pytest.mark.slow
-def test_plan_memory_script(tmp_path):
-  """The plan of tiny on fsdp=2 x expert=3 (6 fake devices): the compiled
-  step's arguments hold this device's share of the state (as the rules
-  count it), and the all_to_all exchange appears with its loop counts."""
+def test_cpu_target_plan(tmp_path):
+  """The cpu target's plan of tiny on fsdp=2 x expert=3 (6 fake devices):
+  the compiled step's arguments hold this device's share of the state (as
+  the rules count it), and the all_to_all exchange appears with its loop
+  counts."""
   out = tmp_path / "plan.json"
   res = subprocess.run(
-      [sys.executable, str(ROOT / "scripts" / "plan_memory.py"), "--config=configs/tiny.py",
-       "--mesh=fsdp=2,expert=3", "--config.train.batch_size=12", "--config.model.num_layers=2",
-       "--config.model.moe.ep_exchange=all_to_all", f"--json={out}"],
+      [sys.executable, str(ROOT / "scripts" / "aot_compile.py"), "--config=configs/tiny.py",
+       "--target=cpu", "--mesh=fsdp=2,expert=3", "--config.train.batch_size=12",
+       "--config.model.num_layers=2", "--config.model.moe.ep_exchange=all_to_all",
+       "--noestimate", f"--json={out}"],
       cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
       timeout=900)
   assert res.returncode == 0, res.stderr[-3000:]
-  assert "per device (compiled memory_analysis)" in res.stdout
+  assert "memory per chip" in res.stdout and "unknown for this target" in res.stdout
+  assert "estimated step time: none (not asked for)" in res.stdout
   plan = json.loads(out.read_text())
-  assert plan["mesh"] == {"data": 1, "fsdp": 2, "expert": 3}
+  assert plan["mesh"] == {"data": 1, "fsdp": 2, "expert": 3} and plan["devices"] == 6
+  assert plan["fits"] is None and plan["collectives_exact"]
   state = plan["state"]["params"] + plan["state"]["opt_state"]
   batch = 4 * 12 * 128 * 4 // 6  # four int32 [12, 128] arrays split over 6 devices
   assert state <= plan["memory"]["arguments"] <= state + batch + 1024
-  a2a = [c for c in plan["collectives"] if c["op"] == "all-to-all"]
+  a2a = [c for c in plan["largest_collectives"] if c["op"] == "all-to-all"]
   assert a2a and all(c["group_size"] == 3 for c in a2a)
+  assert plan["collectives"]["all-to-all"]["count"] >= 4  # 2 per MoE layer, forward and back
 
 
-def test_plan_memory_rejects_a_bad_mesh_flag():
-  res = subprocess.run([sys.executable, str(ROOT / "scripts" / "plan_memory.py"),
-                        "--config=configs/tiny.py", "--mesh=model=4"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+def test_aot_script_rejects_a_bad_mesh_flag():
+  res = subprocess.run([sys.executable, str(ROOT / "scripts" / "aot_compile.py"),
+                        "--config=configs/tiny.py", "--target=cpu", "--mesh=model=4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert res.returncode == 1
-  assert "--mesh='model=4' is invalid" in res.stderr
+  assert res.stderr.strip().splitlines()[-1].startswith("error: --mesh='model=4' is invalid")
 
 
 def _np_local_moe(x, idx, weight, w, first, num_local):

@@ -3,6 +3,7 @@ on a machine without them.
 
     plan(config, "tpu:v5p-256", mesh={"fsdp": 16, "expert": 8}) -> dict
     plan(config, "cuda:h100x1", step="decode", decode={"batch": 8, ...}) -> dict
+    plan(config, "cpu", mesh={"fsdp": 4, "expert": 2})  # this host's (fake) CPU devices
     scripts/aot_compile.py --config configs/paper_16b.py --target tpu:v5p-256 --mesh fsdp=16,expert=8
 
 The decode step is `dsmoe.generate`'s one program (prefill, then the
@@ -27,9 +28,11 @@ not prove: speed. The cost-model figures are XLA's estimates, labelled so.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import time
 
+from dsmoe.aot.compiled import cost_of, memory_of
 from dsmoe.aot.targets import Target, target
 
 # Custom-call targets of the Pallas kernels in compiled HLO.
@@ -54,30 +57,6 @@ def kernel_context(tgt: Target):
   return tiling.tpu_target(tgt.tpu_generation)
 
 
-def memory_of(compiled) -> dict[str, int]:
-  """Per-device bytes of a compiled program (peak = arguments + outputs -
-  aliased + temporaries)."""
-  m = compiled.memory_analysis()
-  memory = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-            "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
-  memory["peak"] = (memory["arguments"] + memory["outputs"] - memory["aliased"]
-                    + memory["temporaries"])
-  return memory
-
-
-def cost_of(compiled) -> dict[str, float]:
-  """XLA's cost model of the program (per device): flops, bytes accessed and,
-  where the compiler gives it, its roofline estimate optimal_seconds. XLA
-  counts each loop body once (a layer scan, gradient accumulation), so these
-  undercount scanned or accumulated steps."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-  out = {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
-  if "optimal_seconds" in cost:
-    out["optimal_seconds"] = float(cost["optimal_seconds"])
-  return out
-
-
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -100,27 +79,34 @@ def _first_line(e: BaseException) -> str:
 
 
 STEPS = ("train", "decode")
+LARGEST = 12  # collectives listed one by one in a plan, largest bytes per step first
 # The decode step's default shapes: 8 prompts of up to 128 tokens, 128 new tokens.
 DECODE = {"batch": 8, "prompt_len": 128, "max_new_tokens": 128}
 
 
 def plan(config, target_name: str, mesh: dict[str, int] | None = None, *, step: str = "train",
-         decode: dict[str, int] | None = None) -> dict:
+         decode: dict[str, int] | None = None, estimate: bool = True) -> dict:
   """Compile `config`'s train step (step="train") or the program of
   `dsmoe.generate` (step="decode": prefill and the decode loop, shapes
   `decode`, default DECODE) for `target_name` on `mesh` ({axis: size};
-  default: the config's mesh) and report it (module docstring)."""
+  default: the config's mesh) and report it (module docstring). With
+  `estimate`, a train step that fits also gets the step time and MFU
+  estimated from the compiler's cost model (dsmoe.aot.estimate: four more
+  small compiles)."""
   from dsmoe.errors import ConfigError  # pylint: disable=g-import-not-at-top
   if step not in STEPS:
     raise ConfigError(f"step={step!r} is not one of {list(STEPS)}")
   from dsmoe import config as config_lib  # pylint: disable=g-import-not-at-top
   from dsmoe.parallel import hlo  # pylint: disable=g-import-not-at-top
   from dsmoe.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from dsmoe.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from dsmoe.train import plan as train_plan  # pylint: disable=g-import-not-at-top
+  from dsmoe.train import state as state_lib  # pylint: disable=g-import-not-at-top
   tgt = target(target_name)
   if mesh is not None:
     config = config.copy_and_resolve_references()
     config.mesh.update({"data": 1, "fsdp": 1, "expert": 1, **mesh})
+  spec_config = config
   spec = config_lib.resolve(config, platform=tgt.platform)
   device_mesh = mesh_lib.make_mesh(spec.mesh, devices=tgt.devices)
   shapes = {**DECODE, **(decode or {})} if step == "decode" else None
@@ -137,7 +123,10 @@ def plan(config, target_name: str, mesh: dict[str, int] | None = None, *, step: 
   try:
     with kernel_context(tgt):
       if step == "train":
-        compiled = train_plan.compile_train_step(spec, device_mesh)
+        abstract = state_lib.abstract_state(spec, optimizer_lib.make_optimizer(spec.train),
+                                            device_mesh)
+        summary["state"] = train_plan.state_bytes_per_device(abstract)
+        compiled = train_plan.compile_train_step(spec, device_mesh, abstract)
       else:
         from dsmoe import generate  # pylint: disable=g-import-not-at-top
         compiled = generate.lower_generate(spec.model, device_mesh, **shapes).compile()
@@ -152,16 +141,34 @@ def plan(config, target_name: str, mesh: dict[str, int] | None = None, *, step: 
   memory = memory_of(compiled)
   colls = hlo.collectives(text)
   calls = custom_calls(text)
+  fits = memory["peak"] <= tgt.hbm_bytes if tgt.hbm_bytes else None
+  estimated = {"estimated_step_s": None, "estimated_mfu": None}
+  if step != "train":
+    estimated["why_not"] = "estimated for the train step only"
+  elif fits is False:
+    estimated["why_not"] = "the step does not fit"
+  elif not estimate:
+    estimated["why_not"] = "not asked for"
+  else:
+    from dsmoe.aot import estimate as estimate_lib  # pylint: disable=g-import-not-at-top
+    with kernel_context(tgt):
+      estimated = estimate_lib.train_step(spec_config, tgt, device_mesh)
   return {
       **summary, "compiled": True, "compile_s": round(compile_s, 1), "memory": memory,
-      "fits": bool(tgt.hbm_bytes) and memory["peak"] <= tgt.hbm_bytes,
+      "fits": fits,  # None: the device's memory is unknown (the CPU's fake devices)
       "custom_calls": calls,
       "kernels": {KERNEL_CALLS[k]: v for k, v in calls.items() if k in KERNEL_CALLS},
       "collectives": hlo.summary(colls),
+      "largest_collectives": [dataclasses.asdict(c) for c in sorted(
+          colls, key=lambda c: -c.bytes_per_step)[:LARGEST]],
       # False where a loop around a collective has no trip count in the HLO
       # (XLA:TPU's compiled HLO records none): its count is then per loop body.
       "collectives_exact": all(c.exact_count for c in colls),
       "cost_estimate": cost_of(compiled),
+      # The roofline of the compiler's counts over loop-free probes (dsmoe.aot.estimate).
+      "estimated_step_s": estimated.pop("estimated_step_s"),
+      "estimated_mfu": estimated.pop("estimated_mfu"),
+      "estimate": estimated,
   }
 
 

@@ -40,13 +40,14 @@ class TpuChip:
   dims: int  # topology dimensions (3: v4/v5p torus, 2: v5e/v6e)
   hbm_bytes: int  # HBM per chip (Cloud TPU system architecture pages)
   peak_bf16_flops: float  # per chip
+  hbm_bandwidth: float  # bytes/s per chip (the same pages)
 
 
 TPU_CHIPS = {
-    "v4": TpuChip("v4", 2, 3, 32 * GIB, 275e12),
-    "v5p": TpuChip("v5p", 2, 3, 95 * GIB, 459e12),
-    "v5e": TpuChip("v5e", 1, 2, 16 * GIB, 197e12),
-    "v6e": TpuChip("v6e", 1, 2, 32 * GIB, 918e12),
+    "v4": TpuChip("v4", 2, 3, 32 * GIB, 275e12, 1200e9),
+    "v5p": TpuChip("v5p", 2, 3, 95 * GIB, 459e12, 2765e9),
+    "v5e": TpuChip("v5e", 1, 2, 16 * GIB, 197e12, 819e9),
+    "v6e": TpuChip("v6e", 1, 2, 32 * GIB, 918e12, 1640e9),
 }
 GPU_FILES = {"h100": "h100_sxm.txtpb", "h200": "h200_sxm.txtpb", "a100": "a100_sxm.txtpb"}
 GPU_PEAK_BF16_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}  # dense, per GPU
@@ -61,6 +62,7 @@ class Target:
   devices: list
   hbm_bytes: int  # memory per device (0: unknown, e.g. CPU)
   peak_flops: float  # bf16 FLOP/s per device (0: unknown)
+  hbm_bandwidth: float = 0.0  # bytes/s per device (0: unknown)
   tpu_generation: str | None = None  # for the Pallas kernels' tiling (pallas_kernels.gmm)
 
 
@@ -109,7 +111,7 @@ def _tpu(spec: str, name: str) -> Target:
                       f"{topology} ({_first_line(e)}){hint}") from None
   devices = list(devices)[:chips or None]
   return Target(name, "tpu", devices, chip.hbm_bytes, chip.peak_bf16_flops,
-                tpu_generation=chip.topology)
+                chip.hbm_bandwidth, tpu_generation=chip.topology)
 
 
 def _gpu(spec: str, name: str) -> Target:
@@ -135,7 +137,8 @@ def _gpu(spec: str, name: str) -> Target:
     raise ConfigError(f"target {name!r}: cannot describe {count} {gpu} GPUs "
                       f"({_first_line(e)}){hint}") from None
   memory = int(re.search(r"device_memory_size:\s*(\d+)", config).group(1))
-  return Target(name, "gpu", list(topo.devices), memory, GPU_PEAK_BF16_FLOPS[gpu])
+  bandwidth = float(re.search(r"memory_bandwidth:\s*(\d+)", config).group(1))
+  return Target(name, "gpu", list(topo.devices), memory, GPU_PEAK_BF16_FLOPS[gpu], bandwidth)
 
 
 def _first_line(e: BaseException) -> str:

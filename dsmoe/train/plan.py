@@ -1,13 +1,13 @@
 """Compile the real train step for a mesh without allocating anything.
 
     compile_train_step(config, mesh) -> jax.stages.Compiled
-    memory_plan(config, mesh) -> {"memory": {...}, "collectives": [...], ...}
+    state_bytes_per_device(abstract_state) -> {"params": bytes, "opt_state": bytes}
 
 The state and the batch are ShapeDtypeStructs carrying their shardings
 (dsmoe.parallel.rules), so `jit(...).lower(...).compile()` sees exactly what
 training runs, while nothing the size of the model is ever created.
-`scripts/plan_memory.py` runs it on fake CPU devices
-(``--xla_force_host_platform_device_count``).
+`dsmoe.aot.plan` (`scripts/aot_compile.py`) compiles it for a TPU slice, GPU
+hosts or fake CPU devices and reports its memory, kernels and collectives.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from dsmoe import config as config_lib
-from dsmoe.parallel import hlo
 from dsmoe.parallel import mesh as mesh_lib
 from dsmoe.train import optimizer as optimizer_lib
 from dsmoe.train import state as state_lib
@@ -55,19 +54,3 @@ def state_bytes_per_device(abstract: state_lib.AbstractState) -> dict[str, int]:
       total += jnp.dtype(s.dtype).itemsize * math.prod(shard)
     out[part] = total
   return out
-
-
-def memory_plan(config, mesh) -> dict:
-  """Per-device memory of the compiled step and its collectives per step."""
-  spec = config_lib.resolve(config)
-  abstract = state_lib.abstract_state(spec, optimizer_lib.make_optimizer(spec.train), mesh)
-  compiled = compile_train_step(spec, mesh, abstract)
-  m = compiled.memory_analysis()
-  memory = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-            "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
-  memory["peak_estimate"] = (memory["arguments"] + memory["outputs"] - memory["aliased"]
-                             + memory["temporaries"])
-  colls = hlo.collectives(compiled.as_text())
-  return {"mesh": dict(mesh.shape), "memory": memory,
-          "state": state_bytes_per_device(abstract),
-          "collectives": colls, "summary": hlo.summary(colls)}

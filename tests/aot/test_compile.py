@@ -221,6 +221,10 @@ def test_script_reports_a_plan_and_refuses_one_that_does_not_fit(script_runs):
   assert "memory per chip" in stdout and "fits" in stdout
   plan = json.loads((tmp / "plan.json").read_text())
   assert plan["fits"] and plan["target"] == "tpu:v5e-1" and plan["memory"]["peak"] > 0
+  # The estimate from the TPU compiler's counts (tests/test_estimate.py checks
+  # the probes on CPU): a positive time, an MFU a tiny model cannot exceed.
+  assert plan["estimated_step_s"] > 0 and 0 < plan["estimated_mfu"] < 1, plan["estimate"]
+  assert "estimated step time" in stdout and "MFU" in stdout
   rc, stdout, stderr, _ = finished(script_runs["too_big"])
   assert rc == 1, stdout[-2000:] + stderr[-2000:]
   last = stderr.strip().splitlines()[-1]
