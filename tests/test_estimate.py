@@ -20,9 +20,14 @@ LAYERS = {"model.num_layers": 4, "train.batch_size": 4}
 
 @pytest.fixture(scope="module")
 def unrolled_plan():
-  """The cpu target's plan of a 4-layer model with no loop in its step."""
-  return aot.plan(small_config(**LAYERS, **{"model.scan_layers": False}), "cpu",
-                  mesh={"data": 1})
+  """The plan of a 4-layer model with no loop in its step, on the CPU's
+  device given a made-up peak (1e12 flop/s) and HBM bandwidth (1e11 B/s)."""
+  cpu = targets.target("cpu")
+  fake = targets.Target("fake", "cpu", cpu.devices, 0, peak_flops=1e12, hbm_bandwidth=1e11)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(aot, "target", lambda name: fake)
+    return aot.plan(small_config(**LAYERS, **{"model.scan_layers": False}), "fake",
+                    mesh={"data": 1})
 
 
 def test_probes_reproduce_the_count_of_the_step_without_loops(unrolled_plan):
@@ -30,8 +35,13 @@ def test_probes_reproduce_the_count_of_the_step_without_loops(unrolled_plan):
   assert direct["flops"] > 0 and direct["bytes"] > 0
   assert est["flops"] == pytest.approx(direct["flops"], rel=0.01)
   assert est["bytes"] == pytest.approx(direct["bytes"], rel=0.02)
-  # The CPU target has no peak FLOP/s or bandwidth: counts but no time.
-  assert unrolled_plan["estimated_step_s"] is None and "unknown" in est["why_not"]
+
+
+def test_the_step_time_is_the_roofline_and_the_mfu_the_models_flops_over_it(unrolled_plan):
+  est = unrolled_plan["estimate"]
+  want = max(est["flops"] / 1e12, est["bytes"] / 1e11)
+  assert unrolled_plan["estimated_step_s"] == pytest.approx(want)
+  assert unrolled_plan["estimated_mfu"] == pytest.approx(est["model_flops"] / (want * 1e12))
 
 
 def test_a_scanned_accumulated_step_counts_every_layer_and_micro_batch(unrolled_plan):
@@ -51,6 +61,8 @@ def test_a_scanned_accumulated_step_counts_every_layer_and_micro_batch(unrolled_
   # softmax, padded expert blocks, the optimizer), the looped program less.
   model = looped["estimate"]["model_flops"]
   assert looped["cost_estimate"]["flops"] < model < est
+  # The CPU target has no peak FLOP/s or bandwidth: counts, but no time.
+  assert looped["estimated_step_s"] is None and "unknown" in looped["estimate"]["why_not"]
 
 
 def test_combine_by_hand():
@@ -66,22 +78,6 @@ def test_roofline_by_hand():
   # 2e12 flops at 1e12 flop/s = 2 s; 3e9 bytes at 1e9 B/s = 3 s: memory-bound.
   assert estimate.roofline_s(2e12, 3e9, 1e12, 1e9) == 3.0
   assert estimate.roofline_s(5e12, 3e9, 1e12, 1e9) == 5.0
-
-
-def test_the_step_time_and_mfu_on_a_target_with_a_peak(monkeypatch, unrolled_plan):
-  """A target with a known peak and bandwidth (the CPU's devices, given
-  made-up figures): the time is the roofline of the counts, the MFU the
-  model's FLOPs over time x peak."""
-  cpu = targets.target("cpu")
-  fake = targets.Target("fake", "cpu", cpu.devices, 0, peak_flops=1e12, hbm_bandwidth=1e11)
-  monkeypatch.setattr(aot, "target", lambda name: fake)
-  plan = aot.plan(small_config(**LAYERS, **{"model.scan_layers": False}), "fake",
-                  mesh={"data": 1})
-  est = plan["estimate"]
-  want = max(est["flops"] / 1e12, est["bytes"] / 1e11)
-  assert plan["estimated_step_s"] == pytest.approx(want)
-  assert plan["estimated_mfu"] == pytest.approx(est["model_flops"] / (want * 1e12))
-  assert est["flops"] == unrolled_plan["estimate"]["flops"]
 
 
 def test_what_cannot_be_estimated_says_why():

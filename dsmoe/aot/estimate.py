@@ -51,11 +51,11 @@ def repeated_layers(spec) -> tuple[int, int]:
   return dense, m.num_layers - dense
 
 
-def probe_config(config, repeated: int):
-  """`config` cut to its leading dense layers + `repeated` repeated layers,
-  unscanned, one micro-batch per step."""
+def probe_config(config, repeated: int, platform: str | None = None):
+  """`config` (resolved for `platform`) cut to its leading dense layers +
+  `repeated` repeated layers, unscanned, one micro-batch per step."""
   probe = config.copy_and_resolve_references()
-  spec = config_lib.resolve(config)
+  spec = config_lib.resolve(config, platform=platform)
   kept, _ = repeated_layers(spec)
   probe.model.num_layers = kept + repeated
   if spec.model.first_k_dense_replace >= spec.model.num_layers:
@@ -110,7 +110,11 @@ def train_step(config, tgt, mesh) -> dict:
     return {"estimated_step_s": None, "estimated_mfu": None,
             "why_not": "model.moe_layer_freq != 1: the layers do not repeat one by one"}
   _, repeated = repeated_layers(spec)
-  one, two = (probe_counts(probe_config(config, n), tgt.platform, mesh) for n in (1, 2))
+  one = probe_counts(probe_config(config, 1, tgt.platform), tgt.platform, mesh)
+  if not one["grads"]["flops"]:  # XLA:GPU without a device: cost_analysis() is None
+    return {"estimated_step_s": None, "estimated_mfu": None,
+            "why_not": "this target's compiler gives no cost analysis without the device"}
+  two = probe_counts(probe_config(config, 2, tgt.platform), tgt.platform, mesh)
   counts = combine(one, two, repeated, spec.train.grad_accum_steps)
   chips = mesh.devices.size
   tokens = spec.train.batch_size * spec.data.seq_len
