@@ -11,11 +11,11 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: train test install aot-env clean
 
+# The runtime only (requirements.txt, through pyproject.toml): what training needs.
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q -e .
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,9 +23,10 @@ install: $(VENV)/.installed
 train: install
 	$(PY) scripts/train.py --config $(CONFIG) --workdir $(WORKDIR)
 
-# The tests also cover the opt-in C++ CPU kernel: its extra (scipy-openblas32).
-$(VENV)/.cpu-kernel: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[cpu-kernel]"
+# The tests' extra (pytest, the notebook executor, the parity references) and
+# the opt-in C++ CPU kernel's (scipy-openblas32), which the tests also cover.
+$(VENV)/.test: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[test,cpu-kernel]"
 	touch $@
 
 # The ahead-of-time compile environment (tests/aot, scripts/aot_compile.py):
@@ -42,7 +43,7 @@ $(AOT_VENV)/.installed: requirements-aot.txt $(VENV)/.installed
 
 aot-env: $(AOT_VENV)/.installed
 
-test: install $(VENV)/.cpu-kernel $(AOT_VENV)/.installed
+test: install $(VENV)/.test $(AOT_VENV)/.installed
 	$(PY) -m pytest -q tests
 
 clean:

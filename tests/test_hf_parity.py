@@ -8,7 +8,7 @@
    (greedy top-k over softmax scores, routed scaling 1.0; V2 always builds
    shared experts and never renormalises, so only those cases are compared).
 
-torch and transformers are test-only dependencies (requirements.txt).
+torch and transformers are test-only dependencies (the "test" extra).
 """
 
 import math
