@@ -115,7 +115,7 @@ def report(plan: dict, top: int = 0) -> None:
         f"per chip per step: {est['flops']:.3g} flops, {est['bytes']:.3g} bytes "
         f"(the model's own training FLOPs: {est['model_flops']:.3g})")
   print(f"estimated step time {plan['estimated_step_s']:.4g} s, MFU "
-        f"{100 * plan['estimated_mfu']:.1f}% (an estimate: the compute/HBM roofline, "
+        f"{100 * plan['estimated_mfu']:.3g}% (an estimate: the compute/HBM roofline, "
         "collectives left out; a lower bound on the time, no measurement)")
 
 

@@ -11,6 +11,7 @@ import pytest
 from dsmoe import aot
 from dsmoe.aot import estimate
 from dsmoe.aot import targets
+from dsmoe.parallel import mesh as mesh_lib
 from tests.helpers import small_config, small_spec
 
 # 1 dense + 3 MoE layers: the extrapolation from the probes' one and two
@@ -80,12 +81,16 @@ def test_roofline_by_hand():
   assert estimate.roofline_s(5e12, 3e9, 1e12, 1e9) == 5.0
 
 
-def test_what_cannot_be_estimated_says_why():
+def test_what_cannot_be_estimated_says_why(monkeypatch):
   tgt = targets.target("cpu")
-  from dsmoe.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "expert": 1}, devices=tgt.devices[:1])
   out = estimate.train_step(small_spec(), tgt, mesh)
   assert out["estimated_step_s"] is None and "ConfigDict" in out["why_not"]
   out = estimate.train_step(small_config(**{"model.num_layers": 3, "model.moe_layer_freq": 2}),
                             tgt, mesh)
   assert out["estimated_step_s"] is None and "moe_layer_freq" in out["why_not"]
+  # A compiler that counts nothing (XLA:GPU's deviceless compile returns no
+  # cost analysis): no estimate, and the reason, after one probe.
+  monkeypatch.setattr(estimate, "cost_of", lambda compiled: {"flops": 0.0, "bytes": 0.0})
+  out = estimate.train_step(small_config(), tgt, mesh)
+  assert out["estimated_step_s"] is None and "no cost analysis" in out["why_not"]

@@ -128,14 +128,12 @@ def tiny(**moe):
 
 @pytest.mark.parametrize("name", ["tpu:v5e-1", "cuda:h100x1"])
 def test_tiny_train_step_with_the_pallas_kernels_compiles(name):
-  gpu = name.startswith("cuda")
-  plan = aot.plan(tiny(gmm_backend="pallas"), name, mesh={"data": 1}, estimate=gpu)
+  plan = aot.plan(tiny(gmm_backend="pallas"), name, mesh={"data": 1}, estimate=False)
   assert plan["compiled"] and plan["fits"]
   assert plan["plan"]["grouped"] == "pallas"
   assert sum(plan["kernels"].values()) == 9  # 1 MoE layer: 3 gmm forward, 6 backward
-  if gpu:  # XLA:GPU's deviceless compile has no cost analysis: no estimate, and why
-    assert plan["estimated_step_s"] is None
-    assert "no cost analysis" in plan["estimate"]["why_not"]
+  if name.startswith("cuda"):  # XLA:GPU's deviceless compile has no cost analysis
+    assert plan["cost_estimate"] == {"flops": 0.0, "bytes": 0.0}
 
 
 @pytest.mark.parametrize("name,exchange", [("cuda:h100x8", "ragged_all_to_all"),
@@ -185,8 +183,13 @@ def test_a_tiling_for_one_platform_does_not_break_the_other():
     compile_for(GPUS[0], fn, *shapes)
 
 
+# tiny's structure at the test dimensions (tests/helpers.py SMALL), in bf16:
+# the plan and its estimate (five TPU compiles) take seconds, not minutes.
 SMALL_PLAN = ["--config=configs/tiny.py", "--target=tpu:v5e-1", "--mesh=data=1",
-              "--config.model.num_layers=2", "--config.model.dtype=bfloat16"]
+              "--config.model.num_layers=2", "--config.model.dtype=bfloat16",
+              "--config.model.d_model=32", "--config.model.num_heads=2",
+              "--config.model.dense_hidden=64", "--config.model.moe.fine_grained.ffn_hidden=64",
+              "--config.data.seq_len=32", "--config.train.batch_size=4"]
 SCRIPT_RUNS = {  # name: flags of scripts/aot_compile.py
     "fits": SMALL_PLAN + ["--json={tmp}/plan.json"],
     "too_big": SMALL_PLAN + ["--config.train.batch_size=4096", "--config.data.seq_len=1024"],
