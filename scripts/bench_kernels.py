@@ -16,7 +16,17 @@ for three implementations:
 TFLOP/s counts the useful FLOPs 2*S*D*F for all three (pallas also
 multiplies the padding rows).
 
-Part 2, the routed-expert layer, forward + backward (w.r.t. tokens, gates and
+Part 2, check: at the same shape, the Pallas kernels' fwd, d_lhs and d_rhs
+against jax.lax.ragged_dot (and its autodiff) computed in float32 on the
+same padded layout: the largest difference relative to the largest entry,
+against a tolerance for the dtype (bfloat16 2e-2, float32 1e-4). A case
+over it is reported as FAIL and the script exits 1 at the end.
+
+Part 3, sweep: the forward gmm timed over a few tilings (GPU: row tile tm
+x warps x pipeline stages; elsewhere: tm), each with the layout padded to
+its own tm.
+
+Part 4, the routed-expert layer, forward + backward (w.r.t. tokens, gates and
 all expert weights) of dsmoe.dispatch.dropless with gmm_backend "pallas",
 "ragged_dot" and "blocked" + strategy "batched", and `dense_ffn` (a SwiGLU FFN
 of hidden top_k * expert_hidden: the same activated FLOPs).
@@ -58,10 +68,13 @@ SHAPES = {  # tokens, d_model, experts, expert_hidden, top_k
 
 
 def timed(fn, *args, reps: int, budget_s: float = 20.0) -> float:
-  """Median milliseconds of jitted fn(*args) after one warm-up (fewer reps if slow)."""
+  """Median milliseconds of jitted fn(*args) over up to `reps` runs after the
+  compile and one warm run (the budget is counted in warm runs: a slow
+  compile does not cut the repetitions)."""
   jfn = jax.jit(fn)
+  jax.block_until_ready(jfn(*args))  # compile
   start = time.perf_counter()
-  jax.block_until_ready(jfn(*args))  # compile + warm-up
+  jax.block_until_ready(jfn(*args))  # one warm run: what a repetition costs
   first = time.perf_counter() - start
   reps = max(1, min(reps, int(budget_s / max(first, 1e-6))))
   times = []
@@ -131,6 +144,83 @@ def run_kernels(args, shape, dtype) -> list[dict]:
       rows.append(row)
       print(f"| {op} | {impl} | {t:.3f} | {row['tflops']:.3g} | {t / ms['dense']:.2f} | "
             f"{t / ms['pallas']:.2f} |")
+  return rows
+
+
+TOLERANCE = {"bfloat16": 2e-2, "float32": 1e-4}  # max |diff| / max |reference|
+
+
+def run_check(args, shape, dtype) -> list[dict]:
+  """Part 2: the kernels against ragged_dot in float32 on the same padded rows."""
+  t, d, e, f, k = shape
+  keys = jax.random.split(jax.random.key(2), 4)
+  idx_tk, _ = routing(keys[0], t, e, k)
+  sizes_e = jnp.bincount(idx_tk.reshape(-1), length=e).astype(jnp.int32)
+  padded_e = -(-sizes_e // args.block) * args.block
+  p = int(np.ceil((t * k + e * (args.block - 1)) / args.block)) * args.block
+  x = jax.random.normal(keys[1], (p, d), jnp.float32).astype(dtype)
+  dy = jax.random.normal(keys[2], (p, f), jnp.float32).astype(dtype)
+  w = (jax.random.normal(keys[3], (e, d, f), jnp.float32) / np.sqrt(d)).astype(dtype)
+  tiling = Tiling(tm=args.block)
+  f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+  hi = jax.lax.Precision.HIGHEST
+  ref_fwd = lambda x, w: jax.lax.ragged_dot(f32(x), f32(w), padded_e, precision=hi)  # noqa: E731
+  cases = {
+      "fwd": (lambda x, w, dy: gmm(x, w, padded_e, tiling=tiling),
+              lambda x, w, dy: ref_fwd(x, w)),
+      "d_lhs": (lambda x, w, dy: gmm(dy, w, padded_e, tiling=tiling, transpose_rhs=True),
+                lambda x, w, dy: jax.vjp(lambda x: ref_fwd(x, w), f32(x))[1](f32(dy))[0]),
+      "d_rhs": (lambda x, w, dy: tgmm(x, dy, padded_e, tiling=tiling),
+                lambda x, w, dy: jax.vjp(lambda w: ref_fwd(x, w), f32(w))[1](f32(dy))[0]),
+  }
+  print(f"\n## check: kernels vs ragged_dot in float32, {dtype.name}, block {args.block}")
+  print("| op | max abs diff / max abs reference | tolerance | |")
+  print("|---|---:|---:|---|")
+  rows = []
+  for op, (kernel, reference) in cases.items():
+    try:
+      got = jax.jit(kernel)(x, w, dy)
+      want = jax.jit(reference)(x, w, dy)
+      err = float(jnp.max(jnp.abs(f32(got) - want)) / jnp.max(jnp.abs(want)))
+    except Exception as e:  # pylint: disable=broad-except  (report and go on)
+      print(f"  failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      err = float("nan")
+    ok = err <= TOLERANCE[dtype.name]
+    rows.append(dict(part="check", op=op, rel_err=err, ok=ok))
+    print(f"| {op} | {err:.2e} | {TOLERANCE[dtype.name]:.0e} | {'ok' if ok else 'FAIL'} |")
+  return rows
+
+
+def sweep_tilings() -> list[Tiling]:
+  """The tilings of part 3 on this platform."""
+  if jax.default_backend() == "gpu":
+    return [Tiling(tm=tm, num_warps=w, num_stages=s)
+            for tm in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
+  return [Tiling(tm=tm) for tm in (64, 128)]
+
+
+def run_sweep(args, shape, dtype) -> list[dict]:
+  t, d, e, f, k = shape
+  keys = jax.random.split(jax.random.key(3), 3)
+  idx_tk, _ = routing(keys[0], t, e, k)
+  sizes_e = jnp.bincount(idx_tk.reshape(-1), length=e).astype(jnp.int32)
+  w = (jax.random.normal(keys[2], (e, d, f), jnp.float32) / np.sqrt(d)).astype(dtype)
+  flops = 2 * t * k * d * f
+  print(f"\n## sweep: forward gmm tilings, {dtype.name}")
+  print("| tm | warps | stages | ms | TFLOP/s |")
+  print("|---:|---:|---:|---:|---:|")
+  rows = []
+  for tiling in sweep_tilings():
+    padded_e = -(-sizes_e // tiling.tm) * tiling.tm
+    p = int(np.ceil((t * k + e * (tiling.tm - 1)) / tiling.tm)) * tiling.tm
+    x = jax.random.normal(keys[1], (p, d), jnp.float32).astype(dtype)
+    ms = measure(lambda x, w, tiling=tiling, sizes=padded_e: gmm(x, w, sizes, tiling=tiling),
+                 (x, w), args.reps)
+    row = dict(part="sweep", tm=tiling.tm, num_warps=tiling.num_warps,
+               num_stages=tiling.num_stages, ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+    rows.append(row)
+    print(f"| {tiling.tm} | {tiling.num_warps or '-'} | {tiling.num_stages or '-'} | "
+          f"{ms:.3f} | {row['tflops']:.3g} |")
   return rows
 
 
@@ -207,7 +297,7 @@ def main():
   parser.add_argument("--block", type=int, default=grouped.PALLAS_BLOCK,
                       help="rows per expert block = the kernels' row tile")
   parser.add_argument("--reps", type=int, default=20)
-  parser.add_argument("--only", choices=["kernels", "layer"], default=None)
+  parser.add_argument("--only", choices=["kernels", "check", "sweep", "layer"], default=None)
   parser.add_argument("--json", default="", help="also write the rows here")
   args = parser.parse_args()
   shape, dtype = SHAPES[args.shape], jnp.dtype(args.dtype)
@@ -215,11 +305,18 @@ def main():
   meta = dict(shape=args.shape, dtype=args.dtype, block=args.block, jax=jax.__version__,
               device=jax.devices()[0].device_kind)
   rows = []
-  for part, run in (("kernels", run_kernels), ("layer", run_layer)):
+  parts = (("kernels", run_kernels), ("check", run_check), ("sweep", run_sweep),
+           ("layer", run_layer))
+  for part, run in parts:
     if args.only in (None, part):
       rows += run(args, shape, dtype)
       if args.json:  # after every part: a run cut short keeps what it measured
         pathlib.Path(args.json).write_text(json.dumps(dict(meta, rows=rows), indent=1))
+  failed = [r["op"] for r in rows if r["part"] == "check" and not r["ok"]]
+  if failed:
+    print(f"error: the kernels differ from ragged_dot beyond the tolerance: {failed}",
+          file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
