@@ -112,11 +112,13 @@ def report(plan: dict, top: int = 0) -> None:
     print(f"estimated step time: none ({est.get('why_not', '')})")
     return
   print(f"estimated from loop-free probes (dsmoe/aot/estimate.py; {est['probe_compile_s']} s), "
-        f"per chip per step: {est['flops']:.3g} flops, {est['bytes']:.3g} bytes "
-        f"(the model's own training FLOPs: {est['model_flops']:.3g})")
+        f"per chip per step: {est['flops']:.3g} flops, {est['bytes']:.3g} bytes; the "
+        f"model's own training FLOPs {est['model_flops']:.3g} "
+        f"(the compiler counts {est['flops'] / est['model_flops']:.3g} x those)")
   print(f"estimated step time {plan['estimated_step_s']:.4g} s, MFU "
-        f"{100 * plan['estimated_mfu']:.3g}% (an estimate: the compute/HBM roofline, "
-        "collectives left out; a lower bound on the time, no measurement)")
+        f"{100 * plan['estimated_mfu']:.3g}% (an estimate, no measurement: the compute/HBM "
+        "roofline of the compiler's counts, collectives left out, ops counted over their "
+        "static shapes)")
 
 
 def fake_cpu_devices(mesh: dict | None, config) -> dict:

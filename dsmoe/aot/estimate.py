@@ -19,11 +19,15 @@ and mesh, and scales them by the trip counts the config gives:
 
 with L repeated layers. Four small compiles: the probes have one or two
 repeated layers. The estimated step time is the roofline of those counts
-per chip, max(flops / peak FLOP/s, bytes / HBM bandwidth): it assumes
-compute and memory traffic overlap perfectly and leaves out the
-collectives between chips, so it is a lower bound on the step time, and the
-MFU from it (the model's training FLOPs, dsmoe.flops_per_token, over the
-peak) an upper bound. An estimate, not a measurement.
+per chip, max(flops / peak FLOP/s, bytes / HBM bandwidth), and the MFU the
+model's training FLOPs (dsmoe.flops_per_token) over that time x peak. An
+estimate, not a measurement, off in both directions: it assumes compute
+and memory traffic overlap perfectly and leaves out the collectives between
+chips (too fast), while the compiler counts every op over its static
+shape, so an op on a buffer that is mostly empty at run time (ragged_dot
+over the receive buffer of the expert-parallel exchange, sized for the
+worst case) is counted whole (too slow). `flops / model_flops` in the
+result shows how far the compiler's count is from the model's.
 """
 
 from __future__ import annotations
