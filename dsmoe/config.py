@@ -178,7 +178,7 @@ def resolve(config, *, platform: str | None = None) -> Spec:
   model = dict(m.to_dict(), moe=MoESpec(**moe),
                head_dim=m.head_dim or m.d_model // m.num_heads)
   return Spec(model=ModelSpec(**model), data=_frozen(config.data),
-              train=_frozen(config.train), mesh=_frozen(config.mesh))
+              train=_frozen(config.train), mesh=_frozen(config.mesh), config=_frozen(config))
 
 
 def _frozen(c: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:

@@ -126,3 +126,7 @@ class Spec:
   data: ml_collections.FrozenConfigDict
   train: ml_collections.FrozenConfigDict
   mesh: ml_collections.FrozenConfigDict
+  # The config it was resolved from, as given (what a workdir's config.json
+  # records; dsmoe.run_config). Not part of the spec's identity.
+  config: ml_collections.FrozenConfigDict | None = dataclasses.field(
+      default=None, compare=False, repr=False)

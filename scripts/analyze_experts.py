@@ -44,14 +44,8 @@ FLAGS = flags.FLAGS
 
 def _spec(workdir):
   """The resolved config of the run in `workdir`."""
-  if FLAGS.config is not None:
-    return dsmoe.resolve(FLAGS.config)
-  from dsmoe.analysis.ablation import CONFIG_FILE, config_from_json
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise ConfigError(f"{path} does not exist (runs of scripts/train.py have none): "
-                      "give --config, the file the run was trained with")
-  return dsmoe.resolve(config_from_json(path))
+  from dsmoe import run_config
+  return dsmoe.resolve(run_config.config_for(FLAGS.config, workdir))
 
 
 def _name(workdir: str) -> str:

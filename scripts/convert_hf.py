@@ -20,7 +20,8 @@ import dsmoe
 from dsmoe import cli
 from dsmoe.errors import ConfigError
 
-config_flags.DEFINE_config_file("config", None, "With --reverse --workdir: the run's config.",
+config_flags.DEFINE_config_file("config", None, "With --reverse --workdir: the run's config "
+                                "(default: the workdir's config.json).",
                                 lock_config=True)
 flags.DEFINE_boolean("reverse", False, "dsmoe -> HF instead of HF -> dsmoe.")
 flags.DEFINE_string("workdir", None, "With --reverse: export this training run's params.")
@@ -34,9 +35,11 @@ FLAGS = flags.FLAGS
 def run(args: list[str]) -> str:
   from dsmoe.interop import hf
   if FLAGS.reverse and FLAGS.workdir:
-    if len(args) != 1 or FLAGS.config is None:
-      raise ConfigError("usage: --reverse --config CONFIG --workdir RUN OUT_HF_DIR")
-    return hf.export_run(dsmoe.resolve(FLAGS.config), FLAGS.workdir, args[0], step=FLAGS.step,
+    if len(args) != 1:
+      raise ConfigError("usage: --reverse --workdir RUN [--config CONFIG] OUT_HF_DIR")
+    from dsmoe import run_config
+    config = run_config.config_for(FLAGS.config, FLAGS.workdir)
+    return hf.export_run(dsmoe.resolve(config), FLAGS.workdir, args[0], step=FLAGS.step,
                          dtype=FLAGS.dtype, max_shard_bytes=int(FLAGS.max_shard_gb * 2**30))
   if len(args) != 2:
     raise ConfigError("usage: convert_hf.py [--reverse] SRC_DIR OUT_DIR (see --help)")

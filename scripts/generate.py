@@ -21,8 +21,8 @@ import dsmoe
 from dsmoe import cli
 from dsmoe.errors import ConfigError
 
-config_flags.DEFINE_config_file("config", None, "Config of the run (with --workdir), or "
-                                "configs/hf.py:MODEL_DIR.", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Config of the run (default with --workdir: "
+                                "its config.json), or configs/hf.py:MODEL_DIR.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Training run whose latest checkpoint to use.")
 flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step (default: latest).")
 flags.DEFINE_string("hf", None, "An HF folder (config.json, *.safetensors, tokenizer.json) "
@@ -45,10 +45,13 @@ def _model():
   if FLAGS.hf:
     from dsmoe.interop.hf import load_text_model
     return load_text_model(FLAGS.hf, FLAGS.dtype)
-  if FLAGS.config is None:
-    raise ConfigError("give --hf MODEL_DIR, or --config (and --workdir for a training run)")
+  if FLAGS.config is None and FLAGS.workdir is None:
+    raise ConfigError("give --hf MODEL_DIR, or --workdir of a training run (its config.json, "
+                      "or --config)")
+  from dsmoe import run_config
   from dsmoe.generate import TextModel
-  return TextModel.from_run(dsmoe.resolve(FLAGS.config), FLAGS.workdir, FLAGS.step)
+  config = run_config.config_for(FLAGS.config, FLAGS.workdir)
+  return TextModel.from_run(dsmoe.resolve(config), FLAGS.workdir, FLAGS.step)
 
 
 def main(argv):

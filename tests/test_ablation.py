@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import dsmoe
+from dsmoe import run_config
 from dsmoe.analysis import ablation, report
 from tests.helpers import ROOT, load_config
 
@@ -133,7 +134,7 @@ def test_runner_writes_results_skips_finished_and_resumes(tmp_path):
   done = json.loads((cell_copy / "run.json").read_text())
   (cell_copy / "run.json").unlink()
   shutil.rmtree(cell_copy / "checkpoints" / "3")
-  config = ablation.config_from_json(str(cell_copy / "config.json"))
+  config = run_config.from_json(str(cell_copy / "config.json"))
   rows = ablation.run_grid([ablation.Cell("gshard", 1)], str(copy), lambda c: config)
   assert rows[0]["resumed"] and rows[0]["eval_loss"] == done["eval_loss"]
 
@@ -151,7 +152,7 @@ def test_a_workdir_of_another_config_is_refused(tmp_path):
   config.train.steps = 7
   with pytest.raises(ValueError, match="another config.*train.steps: 1000 -> 7"):
     ablation._check_same_config(str(tmp_path), config)  # pylint: disable=protected-access
-  assert ablation.config_from_json(str(tmp_path / "config.json")).train.steps == 1000
+  assert run_config.from_json(str(tmp_path / "config.json")).train.steps == 1000
 
 
 def test_bad_variant_or_override_exits_with_one_line(tmp_path):

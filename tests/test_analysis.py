@@ -146,7 +146,6 @@ def test_analyze_experts_on_a_checkpoint(tmp_path):
   """Disabling 0 experts reproduces the plain evaluation of the checkpoint
   exactly; the script writes every output. The two script runs overlap the
   work in this process (each starts as soon as what it reads exists)."""
-  from dsmoe.analysis import ablation  # pylint: disable=g-import-not-at-top
   from dsmoe.train import evaluation, train_and_evaluate  # pylint: disable=g-import-not-at-top
   script = [sys.executable, str(ROOT / "scripts" / "analyze_experts.py")]
   env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -156,8 +155,7 @@ def test_analyze_experts_on_a_checkpoint(tmp_path):
                            "data.eval_tokens": 2048, "data.eval_doc_tokens": 256,
                            "data.data_dir": str(tmp_path / "tfds")})
   run = tmp_path / "run"
-  ablation._check_same_config(str(run), config)  # writes config.json  pylint: disable=protected-access
-  train_and_evaluate(config, str(run))
+  train_and_evaluate(config, str(run))  # writes the config.json the script reads
   out = tmp_path / "analysis"
   proc = subprocess.Popen(
       [*script, f"--workdir={run},{run}", "--names=a,b", f"--out={out}", "--eval_batches=2",

@@ -5,7 +5,8 @@ level or inside a function, is read from the source (nothing is imported).
 Layers, bottom to top:
 
   errors, spec -> config -> model, dispatch, parallel, data (and the
-  params-only checkpoint I/O, accounting) -> generate, interop, train ->
+  params-only checkpoint I/O, accounting, a workdir's saved config) -> generate,
+  interop, train ->
   analysis, aot (ahead-of-time compiles) -> cli
 
 A module may import from its own layer or below; the imports between
@@ -21,7 +22,7 @@ LAYERS = (
     ("dsmoe.errors", "dsmoe.spec"),
     ("dsmoe.config",),
     ("dsmoe.model", "dsmoe.dispatch", "dsmoe.parallel", "dsmoe.data", "dsmoe.params_io",
-     "dsmoe.accounting"),
+     "dsmoe.accounting", "dsmoe.run_config"),
     ("dsmoe.generate", "dsmoe.interop", "dsmoe.train"),
     ("dsmoe.analysis", "dsmoe.aot"),
     ("dsmoe.cli",),

@@ -14,9 +14,11 @@ import optax
 import pytest
 from flax import nnx
 
+import dsmoe
 from dsmoe import config as config_lib
 from dsmoe import flops_per_token
-from dsmoe.errors import CheckpointError
+from dsmoe import run_config
+from dsmoe.errors import CheckpointError, ConfigError
 from dsmoe.train import NonFiniteError, loop, metrics, optimizer, step
 from dsmoe.train import state as state_lib
 from dsmoe.train.checkpoint import Checkpoints
@@ -382,6 +384,46 @@ def test_mismatched_checkpoint_names_the_checkpoint_and_the_shapes(tmp_path):
                      r".*checkpoint shape \(.*32.*\) != config shape \(.*48.*\)"):
     loop.train_and_evaluate(other, tmp_path)
   assert Checkpoints(tmp_path).all_steps() == [2]  # nothing lost
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["model"]["d_model"] == 32 and not list(tmp_path.glob("config.before_*"))
+
+
+def test_the_workdir_records_its_config_and_reports_a_changed_resume(tmp_path, capsys):
+  """config.json holds the run's whole config (it resolves to the same spec)
+  and version.json the versions; a resume with another learning rate says
+  so, keeps the previous config beside, and records the new one."""
+  first = small_config(**{"train.steps": 2, "train.checkpoint_every": 2})
+  loop.train_and_evaluate(first, tmp_path)
+  saved = run_config.from_json(str(tmp_path / "config.json"))
+  assert dsmoe.resolve(saved) == dsmoe.resolve(first)
+  assert saved.to_dict() == first.to_dict()
+  versions = json.loads((tmp_path / "version.json").read_text())
+  assert versions["jax"] == jax.__version__ and "commit" in versions
+  capsys.readouterr()
+  second = small_config(**{"train.steps": 3, "train.checkpoint_every": 3,
+                           "train.learning_rate": 1e-4})
+  loop.train_and_evaluate(second, tmp_path)
+  out = capsys.readouterr().out
+  assert ("resuming with settings that differ from the workdir's config.json (kept as "
+          "config.before_step2.json): train.checkpoint_every: 2 -> 3, "
+          "train.learning_rate: 0.003 -> 0.0001, train.steps: 2 -> 3") in out
+  before = json.loads((tmp_path / "config.before_step2.json").read_text())
+  now = json.loads((tmp_path / "config.json").read_text())
+  assert before["train"]["learning_rate"] == 3e-3 and now["train"]["learning_rate"] == 1e-4
+
+
+def test_scripts_take_the_saved_config_or_report_how_theirs_differs(tmp_path, capsys):
+  with pytest.raises(ConfigError, match="config.json does not exist: give --config"):
+    run_config.config_for(None, str(tmp_path))
+  with pytest.raises(ConfigError, match="no --workdir: give --config"):
+    run_config.config_for(None, None)
+  config = small_config()
+  run_config.record(str(tmp_path), config)
+  assert run_config.config_for(None, str(tmp_path)).to_dict() == config.to_dict()
+  other = small_config(**{"model.d_model": 48})
+  assert run_config.config_for(other, str(tmp_path)) is other  # the explicit one wins
+  err = capsys.readouterr().err
+  assert err.startswith("note: --config differs from ") and "model.d_model: 32 -> 48" in err
 
 
 def test_missing_checkpoint_step(tmp_path):

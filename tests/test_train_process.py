@@ -13,6 +13,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import jax
@@ -237,8 +238,11 @@ def test_two_processes_with_expert_parallelism_equal_one_device(tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_script_on_a_saved_run(reference):
-  res = subprocess.run(script_cmd("evaluate.py", reference, RUN, f"--step={STEPS}"), cwd=ROOT,
-                       env=script_env(), capture_output=True, text=True, timeout=300)
+  """--workdir alone: the run's own config.json gives the config."""
+  cmd = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), f"--workdir={reference}",
+         f"--step={STEPS}"]
+  res = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                       timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   with open(reference / f"eval_step{STEPS}.json") as f:
     result = json.load(f)

@@ -27,12 +27,12 @@ import ml_collections
 
 from dsmoe import accounting
 from dsmoe import config as config_lib
+from dsmoe import run_config
 from dsmoe.errors import ConfigError, WorkdirError
 from dsmoe.train import metrics as metrics_lib
 from dsmoe.train.evaluation import DOCUMENTS_FILE
 
 RUN_FILE = "run.json"
-CONFIG_FILE = "config.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,45 +61,21 @@ def variant_config(config_file: str, variant: str, seed: int,
   return config
 
 
-def config_from_json(path: str) -> ml_collections.ConfigDict:
-  """The config a run wrote to its config.json (keys checked against the schema)."""
-  with open(path) as f:
-    values = _flat(json.load(f))
-  config = config_lib.base_config()
-  try:
-    config.update_from_flattened_dict(values)
-  except (KeyError, AttributeError, TypeError) as e:
-    raise ConfigError(f"{path}: not a dsmoe config of this version ({e})") from None
-  return config
-
-
 def _check_same_config(workdir: str, config) -> None:
   """Refuses to resume a workdir that holds a run of another config."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  want = json.loads(config.to_json())
+  path = os.path.join(workdir, run_config.CONFIG_FILE)
+  want = run_config.to_dict(config)
   if not os.path.exists(path):
     os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
       json.dump(want, f, indent=1, sort_keys=True)
     return
   with open(path) as f:
-    have = json.load(f)
-  diff = sorted(k for k in set(_flat(have)) | set(_flat(want))
-                if _flat(have).get(k) != _flat(want).get(k))
+    diff = run_config.differences(json.load(f), want)
   if diff:
-    shown = ", ".join(f"{k}: {_flat(have).get(k)!r} -> {_flat(want).get(k)!r}" for k in diff[:4])
+    shown = run_config.describe(diff[:4])
     raise WorkdirError(f"{workdir} holds a run of another config ({shown}); resume "
                      "it with the same flags, or use another --workdir")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def curves(records: list[dict]) -> dict:

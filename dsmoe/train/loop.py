@@ -39,6 +39,7 @@ from tqdm import tqdm
 from dsmoe import accounting
 from dsmoe import config as config_lib
 from dsmoe import errors
+from dsmoe import run_config
 from dsmoe.data import make_loader
 from dsmoe.data.evalset import make_eval_set
 from dsmoe.errors import ConfigError
@@ -232,6 +233,12 @@ def train_and_evaluate(spec, workdir: str) -> dict:
     graphdef, state, interval = state_lib.init_or_restore(spec, tx, ckpts, mesh, data_iter,
                                                           abstract=abstract)
     start = int(state["step"])
+    if jax.process_index() == 0 and spec.config is not None:  # after a restore that fit
+      changed = run_config.record(workdir, spec.config, start)
+      if changed:
+        print(f"{'resuming' if start else 'starting'} with settings that differ from the "
+              f"workdir's {run_config.CONFIG_FILE} (kept as config.before_step{start}.json): "
+              f"{run_config.describe(changed)}", flush=True)
     writer = metrics_lib.MetricWriter(workdir, resume_step=start,
                                       enabled=jax.process_index() == 0)
     stack.enter_context(errors.closing(writer.close))
