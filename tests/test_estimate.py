@@ -6,6 +6,8 @@ no loop in it (layers unscanned, one micro-batch): there the compiler
 counts every layer, so the probes' extrapolation must land on its numbers.
 """
 
+import dataclasses
+
 import pytest
 
 from dsmoe import aot
@@ -84,8 +86,9 @@ def test_roofline_by_hand():
 def test_what_cannot_be_estimated_says_why(monkeypatch):
   tgt = targets.target("cpu")
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "expert": 1}, devices=tgt.devices[:1])
-  out = estimate.train_step(small_spec(), tgt, mesh)
-  assert out["estimated_step_s"] is None and "ConfigDict" in out["why_not"]
+  bare = dataclasses.replace(small_spec(), config=None)  # a Spec built by hand
+  out = estimate.train_step(bare, tgt, mesh)
+  assert out["estimated_step_s"] is None and "has no config" in out["why_not"]
   out = estimate.train_step(small_config(**{"model.num_layers": 3, "model.moe_layer_freq": 2}),
                             tgt, mesh)
   assert out["estimated_step_s"] is None and "moe_layer_freq" in out["why_not"]

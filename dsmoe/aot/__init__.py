@@ -106,7 +106,6 @@ def plan(config, target_name: str, mesh: dict[str, int] | None = None, *, step: 
   if mesh is not None:
     config = config.copy_and_resolve_references()
     config.mesh.update({"data": 1, "fsdp": 1, "expert": 1, **mesh})
-  spec_config = config
   spec = config_lib.resolve(config, platform=tgt.platform)
   device_mesh = mesh_lib.make_mesh(spec.mesh, devices=tgt.devices)
   shapes = {**DECODE, **(decode or {})} if step == "decode" else None
@@ -152,7 +151,7 @@ def plan(config, target_name: str, mesh: dict[str, int] | None = None, *, step: 
   else:
     from dsmoe.aot import estimate as estimate_lib  # pylint: disable=g-import-not-at-top
     with kernel_context(tgt):
-      estimated = estimate_lib.train_step(spec_config, tgt, device_mesh)
+      estimated = estimate_lib.train_step(config, tgt, device_mesh)
   return {
       **summary, "compiled": True, "compile_s": round(compile_s, 1), "memory": memory,
       "fits": fits,  # None: the device's memory is unknown (the CPU's fake devices)

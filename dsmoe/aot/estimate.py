@@ -106,9 +106,11 @@ def train_step(config, tgt, mesh) -> dict:
   `tgt` (dsmoe.aot.targets.Target) and `mesh`: per chip flops, bytes,
   estimated_step_s, estimated_mfu, and the model's own FLOPs."""
   start = time.perf_counter()
-  if isinstance(config, Spec):
+  if isinstance(config, Spec):  # the probes cut the config the spec was resolved from
+    config = config.config
+  if config is None:
     return {"estimated_step_s": None, "estimated_mfu": None,
-            "why_not": "the probes cut the model's layers: give the ConfigDict, not a Spec"}
+            "why_not": "the probes cut the model's layers: this Spec has no config"}
   spec = config_lib.resolve(config, platform=tgt.platform)
   if spec.model.moe_layer_freq != 1:
     return {"estimated_step_s": None, "estimated_mfu": None,
